@@ -1,0 +1,510 @@
+"""
+Train HRM on Sudoku. One process (GPU, CPU or Apple mps):
+    python train.py config/sudoku_1gpu.py
+    python train.py config/sudoku_cpu.py --max_minutes=5
+DDP on one node (NCCL on GPUs, gloo on CPU):
+    torchrun --standalone --nproc_per_node=8 train.py
+DDP over nodes: run on each node (rank 0 at 123.456.123.456)
+    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
+The defaults below are the paper's 8-GPU Sudoku-Extreme recipe.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import prepare_sudoku as sudoku
+from configurator import ConfigError, configure
+from model import HRM, HRMConfig, flops_per_step
+from optim import AdamATan2, SignSGD
+
+# -----------------------------------------------------------------------------
+# default config values: the paper's 8-GPU Sudoku-Extreme recipe
+# I/O
+out_dir = 'out-sudoku'
+data_dir = 'data/sudoku-extreme-1k'
+prepare_args = ''           # if set and data_dir is missing: `python prepare_sudoku.py {prepare_args} --out_dir={data_dir}`
+init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+log_interval = 10           # steps between log lines (and between stop/time checks)
+eval_interval = 2000.0      # epochs between evals (and checkpoints); fractions allowed
+eval_max_puzzles = 0        # evaluate on the first N test puzzles (0 = all)
+eval_segments = 0           # segments run per test puzzle (0 = halt_max_steps, as the paper)
+eval_batch_size = 0         # 0 = the per-process batch size
+eval_only = False           # evaluate out_dir/ckpt.pt on the full test set, print the breakdown, exit
+failures_max = 1000         # wrong test answers written to out_dir/eval_failures.csv per eval
+target_exact_acc = 0.0      # stop early once eval exact accuracy reaches this (0 = never)
+max_minutes = 0.0           # stop (with a final eval) after this much wall time (0 = no limit)
+wandb_log = False
+wandb_project = 'nanohrm'
+wandb_run_name = 'hrm-sudoku'
+# data
+global_batch_size = 768     # puzzles per step over all processes
+gradient_accumulation_steps = 1  # micro-batches per process per step, each with its own ACT carry
+epochs = 20000              # one epoch = one pass over the training puzzles
+max_iters = 0               # total steps; 0 = epochs * train puzzles / global_batch_size
+augment = True              # a random Sudoku symmetry per puzzle per draw
+# optimizer (AdamATan2 for the network, sign-SGD for the puzzle embedding, as the reference)
+lr = 1e-4
+puzzle_emb_lr = 1e-4
+weight_decay = 1.0
+puzzle_emb_weight_decay = 1.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 0.0             # 0 = off (the reference does not clip)
+warmup_iters = 2000
+lr_min_ratio = 1.0          # cosine decay to lr * lr_min_ratio; 1.0 = constant after warmup
+ema = 0.0                   # decay of an EMA of the weights used for eval and saved checkpoints (0 = off)
+# system
+seed = 0
+device = 'auto'             # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'              # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'bfloat16', 'float16', 'float32'
+compile = True              # torch.compile the model (CUDA only; see README for why not on CPU)
+# model: every HRMConfig field is a config key too, with the defaults from model.py
+model_keys = [f.name for f in fields(HRMConfig)]
+globals().update({f.name: f.default for f in fields(HRMConfig)})
+# -----------------------------------------------------------------------------
+
+
+def fail(message, code=2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+try:
+    cli_keys = configure(globals(), sys.argv[1:])
+except ConfigError as e:
+    fail(str(e))
+config = {k: globals()[k] for k in config_keys}
+
+# distributed setup -------------------------------------------------------------
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if ddp:
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    else:  # CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', world_size))))
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master_process = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else device
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+if ptdtype is None:
+    fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
+if global_batch_size % (world_size * gradient_accumulation_steps):
+    fail(f"global_batch_size={global_batch_size} is not divisible by world_size*gradient_accumulation_steps="
+         f"{world_size * gradient_accumulation_steps}")
+micro_batch = global_batch_size // (world_size * gradient_accumulation_steps)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(seed)
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+
+# data ----------------------------------------------------------------------------
+if not os.path.exists(os.path.join(data_dir, 'train.bin')) and not eval_only:
+    if not prepare_args:
+        fail(f"no dataset in {data_dir}: make it with  python prepare_sudoku.py --out_dir={data_dir}  "
+             f"(add --source=DIR for local Sudoku-Extreme CSVs, or --source=generate to work offline)")
+    if master_process:
+        command = [sys.executable, 'prepare_sudoku.py', *prepare_args.split(), f'--out_dir={data_dir}']
+        print('data missing, generating it:', ' '.join(command[1:]))
+        if subprocess.run(command).returncode != 0:
+            fail(f"dataset generation failed: {' '.join(command[1:])}", code=1)
+    if ddp:
+        dist.barrier()
+try:
+    test_rows = sudoku.read_split(data_dir, 'test')
+    test_ratings = sudoku.read_ratings(data_dir, 'test')
+    train_rows = None if eval_only else torch.from_numpy(np.array(sudoku.read_split(data_dir, 'train'))).to(device)
+except (FileNotFoundError, ValueError) as e:
+    fail(str(e))
+n_train = 0 if eval_only else len(train_rows)
+steps_per_epoch = n_train / global_batch_size
+max_steps = max_iters or int(epochs * steps_per_epoch)
+eval_every = max(1, round(eval_interval * steps_per_epoch))
+
+# The batch order: a fresh permutation of the training puzzles each epoch, drawn on the host by a
+# seeded generator whose state is checkpointed, so a resumed run draws the same batches.
+order_rng = np.random.default_rng(seed)
+order, cursor = np.zeros(0, dtype=np.int64), 0
+# Augmentation and ACT exploration draw from one device generator, also checkpointed.
+device_rng = torch.Generator(device=device).manual_seed(seed + 1)
+
+
+def next_indices(n):
+    global order, cursor
+    parts = []
+    while n > 0:
+        if cursor == len(order):
+            order, cursor = order_rng.permutation(n_train), 0
+        take = min(n, len(order) - cursor)
+        parts.append(order[cursor:cursor + take])
+        cursor, n = cursor + take, n - take
+    return np.concatenate(parts)
+
+
+def get_batch():
+    """This process's micro-batches of one global batch: a list of (inputs, labels, min_halt_steps).
+    Every process draws and augments the whole global batch and keeps its slice, so the run is the
+    same whatever the number of processes (the draw is tiny next to the model)."""
+    rows = train_rows[torch.from_numpy(next_indices(global_batch_size)).to(device)]
+    puzzles, solutions = rows[:, :81], rows[:, 81:]
+    if augment:
+        puzzles, solutions = sudoku.augment(puzzles, solutions, generator=device_rng)
+    min_halt = raw_model.exploration_draw(global_batch_size, device, device_rng) if model_config.act == 'q' else None
+    inputs, labels = puzzles.long() + 1, solutions.long() + 1  # tokens: 1 = blank, 2..10 = digits
+    batches = []
+    for micro in range(gradient_accumulation_steps):
+        s = slice((rank * gradient_accumulation_steps + micro) * micro_batch, (rank * gradient_accumulation_steps + micro + 1) * micro_batch)
+        batches.append((inputs[s], labels[s], None if min_halt is None else min_halt[s]))
+    return batches
+
+
+# model and optimizers ----------------------------------------------------------------
+checkpoint = None
+if init_from == 'resume' or eval_only:
+    if not os.path.exists(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path} to {'evaluate' if eval_only else 'resume'}")
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+    for k in model_keys:  # the architecture comes from the checkpoint
+        config[k] = checkpoint['config'][k]
+elif init_from != 'scratch':
+    fail(f"init_from={init_from!r} is not 'scratch' or 'resume'")
+try:
+    model_config = HRMConfig(**{k: config[k] for k in model_keys})
+    model = HRM(model_config, dtype=ptdtype).to(device)
+except (ValueError, RuntimeError) as e:
+    fail(str(e))
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+raw_model = model
+network_params = [p for n, p in model.named_parameters() if n != 'puzzle_emb']
+optimizer = AdamATan2(network_params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+emb_optimizer = SignSGD([model.puzzle_emb], lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)
+ema_params = [p.detach().float().clone() for p in model.parameters()] if ema > 0 else None
+
+step, best_exact, elapsed_before, puzzles_seen = 0, 0.0, 0.0, 0
+carries = [model.initial_carry(micro_batch, device) for _ in range(gradient_accumulation_steps)]
+if checkpoint is not None and not eval_only:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    emb_optimizer.load_state_dict(checkpoint['emb_optimizer'])
+    step, best_exact = checkpoint['step'], checkpoint['best_exact']
+    elapsed_before, puzzles_seen = checkpoint['elapsed'], checkpoint['puzzles_seen']
+    order_rng.bit_generator.state = checkpoint['order_rng']
+    order, cursor = checkpoint['order'], checkpoint['cursor']
+    device_rng.set_state(checkpoint['device_rng'].cpu())
+    torch.set_rng_state(checkpoint['cpu_rng'])
+    if ema_params is not None and checkpoint.get('ema') is not None:
+        ema_params = [t.to(device) for t in checkpoint['ema']]
+    saved = checkpoint['carry']  # the global carry; slice out this process's rows
+    if saved.z_H.shape[0] != global_batch_size:
+        fail(f"the checkpoint's batch is {saved.z_H.shape[0]} puzzles, this run's global_batch_size is {global_batch_size}")
+    for micro in range(gradient_accumulation_steps):
+        first = (rank * gradient_accumulation_steps + micro) * micro_batch
+        carries[micro] = type(saved)(*(t[first:first + micro_batch].to(device) for t in saved))
+    if master_process:
+        print(f"resumed from {ckpt_path} at step {step}")
+checkpoint = None  # free memory
+
+uses_triton = model.uses_triton(torch.device(device))
+if compile and device_type == 'cuda' and not eval_only:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+
+def get_lr(it, base_lr):
+    """Linear warmup from 0, then cosine from base_lr down to base_lr * lr_min_ratio (the reference's
+    schedule; with lr_min_ratio = 1 it is constant after warmup)."""
+    if it < warmup_iters:
+        return base_lr * it / warmup_iters
+    progress = (it - warmup_iters) / max(1, max_steps - warmup_iters)
+    return base_lr * (lr_min_ratio + (1 - lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@contextmanager
+def ema_weights():
+    """Evaluate and save with the EMA weights when ema > 0, then put the trained weights back."""
+    if ema_params is None:
+        yield
+        return
+    params = list(raw_model.parameters())
+    backup = [p.detach().clone() for p in params]
+    torch._foreach_copy_(params, ema_params)
+    try:
+        yield
+    finally:
+        torch._foreach_copy_(params, backup)
+
+
+def bin_of(values, bins):
+    """Index of the (lo, hi, name) bin holding each value; hi None = open ended."""
+    index = np.full(len(values), -1)
+    for i, (lo, hi, _) in enumerate(bins):
+        index[(values >= lo) & ((values <= hi) if hi is not None else True)] = i
+    return index
+
+
+GIVENS_BINS = [(17, 21, '17-21'), (22, 25, '22-25'), (26, 29, '26-29'), (30, 34, '30-34'), (35, 40, '35-40'), (41, None, '41+')]
+
+
+@torch.no_grad()
+def evaluate(max_puzzles, failures_path=None):
+    """Exact accuracy (all 81 cells right), cell accuracy, mean segments and Q-halt accuracy on the
+    test split, overall and per difficulty bin; test puzzles are sharded over the processes."""
+    raw_model.eval()
+    n = len(test_rows) if not max_puzzles else min(max_puzzles, len(test_rows))
+    mine = np.arange(rank, n, world_size)
+    bins = [(sudoku.RATING_BINS, 'rating'), (GIVENS_BINS, 'givens')]
+    # sums: exact, cells right, segments, q right, then (count, exact) per bin
+    sums = torch.zeros(4 + 2 * sum(len(b) for b, _ in bins), dtype=torch.float64)
+    failures = []
+    batch = eval_batch_size or micro_batch
+    for start in range(0, len(mine), batch):
+        idx = mine[start:start + batch]
+        rows = torch.from_numpy(np.array(test_rows[idx])).to(device)
+        inputs, labels = rows[:, :81].long() + 1, rows[:, 81:].long() + 1
+        preds, steps, q_halt, _ = raw_model.solve(inputs, segments=eval_segments or None)
+        cell_right = (preds == labels)
+        exact = cell_right.all(-1)
+        q_right = ((q_halt >= 0) == exact) if q_halt is not None else torch.zeros_like(exact)
+        sums[:4] += torch.stack([exact.sum(), cell_right.float().mean(-1).sum(), steps.sum(), q_right.sum()]).double().cpu()
+        exact_np = exact.cpu().numpy()
+        offset = 4
+        keys = {'rating': np.asarray(test_ratings[idx]).astype(np.int64), 'givens': (rows[:, :81] > 0).sum(-1).cpu().numpy()}
+        for bin_list, key in bins:
+            which = bin_of(keys[key], bin_list)
+            for i in range(len(bin_list)):
+                sums[offset + 2 * i] += (which == i).sum()
+                sums[offset + 2 * i + 1] += exact_np[which == i].sum()
+            offset += 2 * len(bin_list)
+        if failures_path and len(failures) < failures_max:
+            wrong = (~exact).nonzero().flatten().tolist()
+            for j in wrong[:failures_max - len(failures)]:
+                cells = (~cell_right[j]).nonzero().flatten().tolist()
+                failures.append([sudoku.grid_to_string(rows[j, :81].cpu().numpy()), sudoku.grid_to_string((preds[j] - 1).clamp(min=0).cpu().numpy()),
+                                 sudoku.grid_to_string(rows[j, 81:].cpu().numpy()), int(keys['rating'][j]), int(keys['givens'][j]),
+                                 len(cells), ' '.join(f'r{c // 9 + 1}c{c % 9 + 1}' for c in cells)])
+    if ddp:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    raw_model.train()
+    result = {'exact_acc': sums[0].item() / n, 'cell_acc': sums[1].item() / n, 'steps': sums[2].item() / n,
+              'q_halt_acc': sums[3].item() / n if model_config.act == 'q' else None, 'puzzles': n}
+    offset = 4
+    for bin_list, key in bins:
+        for i, (_, _, name) in enumerate(bin_list):
+            count, right = sums[offset + 2 * i].item(), sums[offset + 2 * i + 1].item()
+            if count:
+                result[f'exact_by_{key}/{name}'] = (right / count, int(count))
+        offset += 2 * len(bin_list)
+    if failures_path and master_process:
+        with open(failures_path + '.tmp', 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(['puzzle', 'prediction', 'solution', 'rating', 'givens', 'n_wrong', 'wrong_cells'])
+            writer.writerows(failures)
+        os.replace(failures_path + '.tmp', failures_path)
+    return result
+
+
+def print_breakdown(result):
+    print(f"exact accuracy {result['exact_acc']:.2%} | cell accuracy {result['cell_acc']:.2%} | "
+          f"segments {result['steps']:.1f} | q-halt accuracy "
+          f"{'n/a' if result['q_halt_acc'] is None else format(result['q_halt_acc'], '.2%')} | {result['puzzles']} puzzles")
+    for key in ('rating', 'givens'):
+        print(f"  by {key}:", ' | '.join(f"{name.split('/')[1]}: {acc:.1%} of {count}"
+                                        for name, (acc, count) in result.items() if name.startswith(f'exact_by_{key}/')))
+
+
+def save_checkpoint():
+    """Collective under DDP (the ACT carry is gathered from every process); only rank 0 writes.
+    Written to a temporary file and renamed, so a crash mid-write leaves the previous one intact."""
+    global_carry = []
+    for field in zip(*carries):  # per carry field: this process's micro-batches, in row order
+        local = torch.cat(field)
+        if ddp:
+            parts = [torch.empty_like(local) for _ in range(world_size)]
+            dist.all_gather(parts, local)
+            local = torch.cat(parts)
+        global_carry.append(local.cpu())
+    if not master_process:
+        return
+    state = {
+        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'emb_optimizer': emb_optimizer.state_dict(),
+        'ema': None if ema_params is None else [t.cpu() for t in ema_params],
+        'config': config, 'step': step, 'best_exact': best_exact, 'elapsed': elapsed_before + time.time() - t_start,
+        'puzzles_seen': puzzles_seen, 'order_rng': order_rng.bit_generator.state, 'order': order, 'cursor': cursor,
+        'device_rng': device_rng.get_state(), 'cpu_rng': torch.get_rng_state(), 'carry': type(carries[0])(*global_carry),
+    }
+    torch.save(state, ckpt_path + '.tmp')
+    os.replace(ckpt_path + '.tmp', ckpt_path)
+
+
+def log_record(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb_log:
+        wandb.log({k: v[0] if isinstance(v, tuple) else v for k, v in record.items() if v is not None}, step=record['step'])
+
+
+t_start = time.time()
+if eval_only:
+    if master_process:
+        print(f"evaluating {ckpt_path} on {eval_max_puzzles if 'eval_max_puzzles' in cli_keys and eval_max_puzzles else len(test_rows)} test puzzles")
+    with ema_weights():
+        result = evaluate(eval_max_puzzles if 'eval_max_puzzles' in cli_keys else 0, os.path.join(out_dir, 'eval_failures.csv'))
+    if master_process:
+        print_breakdown(result)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
+
+# signals: finish the current step, save, exit 0. A second signal interrupts at once (the last
+# checkpoint on disk is always complete, thanks to the atomic rename).
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    if stop_signal is not None:
+        raise KeyboardInterrupt
+    stop_signal = signum
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+
+if master_process:
+    print(f"HRM: {raw_model.num_params() / 1e6:.2f}M parameters (+{raw_model.puzzle_emb.numel()} puzzle embedding) | "
+          f"attention: {'Triton kernel' if uses_triton else 'PyTorch SDPA'} | device {device} {dtype} | "
+          f"world {world_size} x accumulation {gradient_accumulation_steps} x micro-batch {micro_batch}")
+    print(f"{n_train} training puzzles, {len(test_rows)} test | {max_steps} steps ({max_steps / max(steps_per_epoch, 1e-9):.0f} epochs) | "
+          f"eval every {eval_every} steps")
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=1)
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
+
+loss_scale = world_size / global_batch_size  # DDP averages over processes: the update is the global-batch mean
+flops = flops_per_step(model_config, global_batch_size)
+peak_flops = {torch.bfloat16: 989e12, torch.float16: 989e12}.get(ptdtype, 67e12)  # H100 SXM dense
+window = {}  # metric sums since the last log line, on device
+t_log, step_log = time.time(), step
+exit_code, target_reached = 0, False
+while step < max_steps:
+    for group in optimizer.param_groups:
+        group['lr'] = get_lr(step, lr)
+    for group in emb_optimizer.param_groups:
+        group['lr'] = get_lr(step, puzzle_emb_lr)
+    for micro, (inputs, labels, min_halt) in enumerate(get_batch()):
+        # under DDP, gradients are all-reduced only on the last micro-batch
+        sync = nullcontext() if not ddp or micro == gradient_accumulation_steps - 1 else model.no_sync()
+        with sync:
+            carries[micro], outputs = model(carries[micro], inputs, labels, min_halt)
+            loss, metrics = raw_model.loss(carries[micro], outputs)
+            (loss * loss_scale).backward()
+        metrics['loss'] = loss.detach()
+        for k, v in metrics.items():
+            window[k] = window.get(k, 0) + v
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(network_params, grad_clip)
+    optimizer.step()
+    emb_optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    emb_optimizer.zero_grad(set_to_none=True)
+    if ema_params is not None:
+        torch._foreach_lerp_(ema_params, [p.detach().float() for p in raw_model.parameters()], 1 - ema)
+    step += 1
+
+    last = step == max_steps
+    if step % log_interval == 0 or last or step % eval_every == 0:
+        # the one host sync per log interval: metric sums (all processes), stop requests, clock
+        names = sorted(window)
+        packed = torch.stack([window[k].float() for k in names] + [
+            torch.tensor(float(stop_signal is not None), device=device),
+            torch.tensor(float(max_minutes > 0 and (elapsed_before + time.time() - t_start) / 60 > max_minutes), device=device)])
+        if ddp:
+            dist.all_reduce(packed)
+        values = dict(zip(names, packed[:-2].tolist()))
+        stop_requested, out_of_time = packed[-2].item() > 0, packed[-1].item() > 0
+        window = {}
+        dt = (time.time() - t_log) / max(1, step - step_log)
+        t_log, step_log = time.time(), step
+        count = max(values['count'], 1)
+        puzzles_seen += int(values['count'])
+        if not math.isfinite(values['loss']):
+            if master_process:
+                print(f"error: loss is {values['loss']} at step {step}; stopping. The last good checkpoint "
+                      f"({ckpt_path}) is untouched; try a lower lr or dtype=float32.", file=sys.stderr)
+            exit_code = 1
+            break
+        n_batches = log_interval * gradient_accumulation_steps * world_size
+        record = {'step': step, 'epoch': step / steps_per_epoch, 'lr': get_lr(step - 1, lr),
+                  'loss': values['loss'] / global_batch_size / log_interval,
+                  'lm_loss': values['lm_loss'] / global_batch_size / log_interval,
+                  'train_exact_acc': values['exact_acc'] / count, 'train_cell_acc': values['cell_acc'] / count,
+                  'train_steps': values['steps'] / count, 'ms_per_step': 1000 * dt, 'puzzles_per_s': global_batch_size / dt,
+                  'wall_s': elapsed_before + time.time() - t_start, 'puzzles_seen': puzzles_seen}
+        if 'q_halt_loss' in values:
+            record['q_halt_loss'] = values['q_halt_loss'] / global_batch_size / log_interval
+            record['q_halt_acc'] = values['q_halt_acc'] / count
+        if 'q_continue_loss' in values:
+            record['q_continue_loss'] = values['q_continue_loss'] / global_batch_size / log_interval
+        if device_type == 'cuda':
+            record['mfu'] = flops / dt / peak_flops / world_size
+        if master_process:
+            extra = f" | mfu {record['mfu']:.1%}" if 'mfu' in record else ''
+            print(f"step {step}/{max_steps} | loss {record['loss']:.4f} | train exact {record['train_exact_acc']:.1%} "
+                  f"cell {record['train_cell_acc']:.1%} steps {record['train_steps']:.1f} | lr {record['lr']:.2e} | "
+                  f"{record['ms_per_step']:.0f} ms/step | {record['puzzles_per_s']:.0f} puzzles/s{extra}", flush=True)
+            log_record(record)
+        if step % eval_every == 0 or last or stop_requested or out_of_time:
+            stopping = stop_requested and not (step % eval_every == 0 or last)
+            if not stopping:  # a signal saves at once; evals run on schedule and at the end
+                with ema_weights():
+                    result = evaluate(eval_max_puzzles, os.path.join(out_dir, 'eval_failures.csv'))
+                best_exact = max(best_exact, result['exact_acc'])
+                result.update(step=step, epoch=step / steps_per_epoch, wall_s=elapsed_before + time.time() - t_start,
+                              puzzles_seen=puzzles_seen, eval=True)
+                if master_process:
+                    print(f"eval at step {step} ({result['wall_s'] / 60:.1f} min): ", end='')
+                    print_breakdown(result)
+                    log_record(result)
+                target_reached = target_exact_acc > 0 and result['exact_acc'] >= target_exact_acc
+            save_checkpoint()
+            if stop_requested:
+                if master_process:
+                    print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path} (resume with --init_from=resume)")
+                break
+            if out_of_time or target_reached:
+                if master_process:
+                    print(f"stopping: {'reached target exact accuracy' if target_reached else f'max_minutes={max_minutes} reached'}")
+                break
+
+if ddp:
+    dist.destroy_process_group()
+sys.exit(exit_code)
