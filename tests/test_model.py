@@ -1,0 +1,255 @@
+"""HRM model tests: parameter count, the 1-step gradient, ACT behaviour, the loss, and that a tiny
+model can learn. All on CPU with the PyTorch attention path."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import HRM, HRMConfig, cross_entropy, flops_per_step, sudoku_attention_mask  # noqa: E402
+
+TINY = dict(hidden_size=32, num_heads=2, expansion=2.0, H_layers=1, L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=4)
+
+
+def random_tokens(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 11, (batch, 81), generator=g), torch.randint(2, 11, (batch, 81), generator=g)
+
+
+def test_paper_parameter_count():
+    # the reference HRM's Sudoku model: 27,275,266 parameters without the puzzle embedding
+    model = HRM(HRMConfig())
+    assert model.num_params() == 27_275_266
+    assert model.num_params(with_puzzle_emb=True) == 27_275_266 + 512
+    assert [n for n, _ in model.named_parameters() if 'puzzle_emb' in n] == ['puzzle_emb']
+
+
+def test_paper_flops_per_step():
+    # 24 block passes forward, 8 with backward (2x), 24 more for the Q target: 64 block-forwards per token
+    cfg = HRMConfig()
+    per_token_block = 2 * (4 * 512 * 512 + 3 * 512 * 1536) + 4 * 82 * 512
+    heads = 2 * 512 * 11
+    expected = (24 * per_token_block + heads) * 2 + 2 * (8 * per_token_block + heads)
+    assert flops_per_step(cfg, 768) == expected * 82 * 768
+    assert 27e12 < flops_per_step(cfg, 768) < 29e12
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(hidden_size=256, num_heads=4))
+    w = model.L_level.layers[0].mlp.gate_up_proj.weight
+    assert abs(w.std().item() - 256 ** -0.5) < 0.02 * 256 ** -0.5   # truncated LeCun normal keeps the std
+    assert w.abs().max().item() <= 2 * 256 ** -0.5 * 1.2
+    assert abs(model.H_init.std().item() - 1) < 0.15
+    assert torch.all(model.q_head.weight == 0) and torch.all(model.q_head.bias == -5)
+
+
+def test_swiglu_width_and_no_biases():
+    model = HRM(HRMConfig())
+    assert model.L_level.layers[0].mlp.down_proj.weight.shape == (512, 1536)  # round(4*512*2/3)=1365 -> 1536
+    biases = [n for n, _ in model.named_parameters() if n.endswith('bias')]
+    assert biases == ['q_head.bias']
+
+
+def test_sudoku_mask():
+    mask = sudoku_attention_mask()
+    assert mask.shape == (82, 82) and mask[0].all() and mask[:, 0].all()
+    # independent count: each cell has 20 peers plus itself plus the prefix
+    assert (mask[1:].sum(-1) == 22).all()
+    r, c = 4, 7
+    cell = 1 + r * 9 + c
+    for r2 in range(9):
+        for c2 in range(9):
+            peer = r2 == r or c2 == c or (r2 // 3 == r // 3 and c2 // 3 == c // 3)
+            assert mask[cell, 1 + r2 * 9 + c2].item() == peer
+
+
+def test_attention_mask_changes_output_and_is_respected():
+    torch.manual_seed(0)
+    cfg = HRMConfig(**TINY, attn_mask='sudoku')
+    model = HRM(cfg)
+    inputs, _ = random_tokens(2)
+    z_H, z_L, logits, _ = model.segment(model.H_init.expand(2, 82, -1), model.L_init.expand(2, 82, -1), inputs)
+    # information still spreads through the prefix and across cycles, so check the wiring: the same
+    # weights with and without the mask give different outputs
+    model_full = HRM(HRMConfig(**TINY))
+    model_full.load_state_dict(model.state_dict())
+    logits_full = model_full.segment(model.H_init.expand(2, 82, -1), model.L_init.expand(2, 82, -1), inputs)[2]
+    assert not torch.allclose(logits, logits_full)
+
+
+def test_one_step_gradient_matches_explicit_detach():
+    """Only the last L and last H update carry gradient: compare with a version written out by hand
+    that detaches every earlier state explicitly."""
+    torch.manual_seed(0)
+    cfg = HRMConfig(**TINY)
+    model = HRM(cfg)
+    inputs, labels = random_tokens(3)
+    z_H0 = torch.randn(3, 82, 32)
+    z_L0 = torch.randn(3, 82, 32)
+
+    z_H, z_L, logits, q = model.segment(z_H0, z_L0, inputs)
+    loss = logits.square().mean() + q.square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    ctx = (model.rope_cos, model.rope_sin, None, False)
+    x = model.embed(inputs)
+    zH, zL = z_H0, z_L0
+    for h in range(cfg.H_cycles):
+        for l in range(cfg.L_cycles):
+            if (h, l) != (cfg.H_cycles - 1, cfg.L_cycles - 1):
+                zL = model.L_level(zL, zH + x.detach(), *ctx).detach()
+        if h != cfg.H_cycles - 1:
+            zH = model.H_level(zH, zL, *ctx).detach()
+    zL = model.L_level(zL, zH + x, *ctx)
+    zH = model.H_level(zH, zL, *ctx)
+    logits2 = model.lm_head(zH[:, 1:])
+    q2 = model.q_head(zH[:, 0])
+    (logits2.square().mean() + q2.square().mean()).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert torch.allclose(zH, z_H, atol=1e-6)
+
+    # and 'full' really differs: gradient also flows through the earlier updates
+    model.zero_grad()
+    model.config.grad_mode = 'full'
+    z_H, z_L, logits, q = model.segment(z_H0, z_L0, inputs)
+    (logits.square().mean() + q.square().mean()).backward()
+    assert not torch.allclose(grads['L_level.layers.0.mlp.down_proj.weight'], model.L_level.layers[0].mlp.down_proj.weight.grad)
+
+
+def test_act_halts_at_max_steps_and_replaces_halted_rows():
+    torch.manual_seed(0)
+    cfg = HRMConfig(**TINY, halt_exploration_prob=0.0)
+    model = HRM(cfg)  # q_head bias -5 and zero weight: q_halt == q_continue, so no Q halting yet
+    carry = model.initial_carry(4, torch.device('cpu'))
+    first, first_labels = random_tokens(4, seed=1)
+    second, second_labels = random_tokens(4, seed=2)
+    for step in range(1, cfg.halt_max_steps + 1):
+        carry, out = model(carry, first if step == 1 else second, first_labels if step == 1 else second_labels)
+        assert (carry.steps == step).all()
+        assert torch.equal(carry.inputs, first)  # running rows keep their puzzle
+        assert carry.halted.all() == (step == cfg.halt_max_steps)
+    carry, out = model(carry, second, second_labels)
+    assert torch.equal(carry.inputs, second) and (carry.steps == 1).all()
+
+
+def test_act_q_halting_per_row_and_exploration():
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(**TINY, q_target=False))
+    with torch.no_grad():
+        model.q_head.bias.copy_(torch.tensor([5.0, -5.0]))  # q_halt > q_continue: halt after one segment
+    carry = model.initial_carry(4, torch.device('cpu'))
+    inputs, labels = random_tokens(4)
+    carry, _ = model(carry, inputs, labels, min_halt_steps=torch.tensor([0, 3, 0, 0]))
+    assert carry.halted.tolist() == [True, False, True, True]  # row 1 must explore to 3 segments
+    # the next step resets halted rows only
+    z_H_row1 = carry.z_H[1].clone()
+    new_inputs, new_labels = random_tokens(4, seed=5)
+    carry2, _ = model(carry, new_inputs, new_labels, min_halt_steps=torch.tensor([0, 3, 0, 0]))
+    assert carry2.steps.tolist() == [1, 2, 1, 1]
+    assert torch.equal(carry2.inputs[1], inputs[1]) and torch.equal(carry2.inputs[0], new_inputs[0])
+    # eval mode ignores the Q head: every row runs halt_max_steps
+    model.eval()
+    carry = model.initial_carry(4, torch.device('cpu'))
+    carry, _ = model(carry, inputs, labels)
+    assert not carry.halted.any()
+    assert z_H_row1.shape == (82, 32)
+
+
+def test_q_target_is_next_segment_value():
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(**TINY))
+    with torch.no_grad():
+        model.q_head.weight.normal_(0, 0.3)
+    carry = model.initial_carry(3, torch.device('cpu'))
+    inputs, labels = random_tokens(3)
+    carry, out = model(carry, inputs, labels, min_halt_steps=torch.zeros(3, dtype=torch.long))
+    q_next = model.segment(carry.z_H, carry.z_L, carry.inputs)[3]
+    expected = torch.sigmoid(torch.maximum(q_next[:, 0], q_next[:, 1]))
+    torch.testing.assert_close(out['target_q_continue'], expected)
+
+
+def test_stablemax_cross_entropy_against_float64_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 81, 11) * 3
+    labels = torch.randint(0, 11, (2, 81))
+    s = torch.where(logits.double() < 0, 1 / (1 - logits.double()), logits.double() + 1)
+    expected = -torch.log(s.gather(-1, labels[..., None]).squeeze(-1) / s.sum(-1))
+    torch.testing.assert_close(cross_entropy(logits, labels, 'stablemax').double(), expected, rtol=1e-6, atol=1e-6)
+    expected_softmax = -torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(cross_entropy(logits, labels, 'softmax').double(), expected_softmax, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_terms_and_metrics():
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(**TINY))
+    carry = model.initial_carry(3, torch.device('cpu'))
+    inputs, labels = random_tokens(3)
+    carry, out = model(carry, inputs, labels, min_halt_steps=torch.zeros(3, dtype=torch.long))
+    carry = carry._replace(halted=torch.tensor([True, False, True]))
+    loss, metrics = model.loss(carry, out)
+    lm = cross_entropy(out['logits'], labels, 'stablemax').mean(-1).sum()
+    exact = (out['logits'].argmax(-1) == labels).all(-1).float()
+    qh = F.binary_cross_entropy_with_logits(out['q_halt_logits'], exact, reduction='sum')
+    qc = F.binary_cross_entropy_with_logits(out['q_continue_logits'], out['target_q_continue'], reduction='sum')
+    torch.testing.assert_close(loss, lm + 0.5 * (qh + qc))
+    assert metrics['count'].item() == 2
+    assert metrics['steps'].item() == 2  # two halted rows after one segment each
+
+
+def test_fixed_segments_mode_has_no_q_head():
+    model = HRM(HRMConfig(**TINY, act='fixed'))
+    assert not hasattr(model, 'q_head')
+    carry = model.initial_carry(2, torch.device('cpu'))
+    inputs, labels = random_tokens(2)
+    for _ in range(TINY['halt_max_steps']):
+        carry, out = model(carry, inputs, labels)
+    assert carry.halted.all() and set(out) == {'logits'}
+    loss, metrics = model.loss(carry, out)
+    assert set(metrics) == {'count', 'cell_acc', 'exact_acc', 'steps', 'lm_loss'}
+
+
+def test_solve_runs_all_segments_and_halts_with_act():
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(**TINY)).eval()
+    inputs, _ = random_tokens(3)
+    preds, steps, q_halt, history = model.solve(inputs, trace=True)
+    assert (steps == 4).all() and history.shape == (4, 3, 81) and torch.equal(history[-1], preds)
+    with torch.no_grad():
+        model.q_head.bias.copy_(torch.tensor([5.0, -5.0]))
+    preds, steps, q_halt, _ = model.solve(inputs, halt=True)
+    assert (steps == 1).all()
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match='attn_mask'):
+        HRMConfig(attn_mask='diagonal')
+    with pytest.raises(ValueError, match='divisible'):
+        HRMConfig(hidden_size=100, num_heads=8)
+
+
+def test_tiny_model_overfits_a_handful_of_puzzles():
+    """A tiny HRM memorises 4 fixed puzzles within a few hundred small steps on CPU."""
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(hidden_size=64, num_heads=2, H_layers=1, L_layers=1, H_cycles=1, L_cycles=1,
+                          halt_max_steps=1, act='fixed', loss='softmax'))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inputs, labels = random_tokens(4, seed=3)
+    carry = model.initial_carry(4, torch.device('cpu'))
+    for step in range(300):
+        carry, out = model(carry, inputs, labels)
+        loss, metrics = model.loss(carry, out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if metrics['exact_acc'].item() == 4:
+            break
+    assert metrics['exact_acc'].item() == 4, f"cell accuracy only {metrics['cell_acc'].item() / 4:.2f}"
+    assert math.isfinite(loss.item())
