@@ -12,14 +12,20 @@ then the FLOP count.
 """
 
 import math
+import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _kernel_draft import HAS_TRITON, fused_attention, sdpa_attention
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # the model then uses PyTorch's attention (SDPA)
+    HAS_TRITON = False
 
 
 @dataclass
@@ -126,9 +132,402 @@ def sudoku_attention_mask(puzzle_emb_len=1):
     return mask
 
 
+# -----------------------------------------------------------------------------
+# attention: the math in PyTorch (reference and SDPA fallback), then fused as Triton kernels (forward
+# and backward) wrapped in a torch custom op. Layout everywhere is (B, S, H, D), as flash_attn_func,
+# non-causal, softmax scale 1/sqrt(D), optional boolean (S, S) mask shared by all batches and heads
+# (True = may attend).
+
+def attention_reference(q, k, v, mask=None):
+    """The math the kernel fuses, in plain PyTorch. q, k, v: (B, S, H, D); mask: (S, S) bool, True = may attend."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, S, S)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    # softmax in fp32 like the kernel, so bf16 logits do not lose the small probabilities
+    att = torch.softmax(att.float(), dim=-1).to(v.dtype)
+    return (att @ v).transpose(1, 2)  # (B, S, H, D)
+
+
+def sdpa_attention(q, k, v, mask=None):
+    """The model's fallback when the kernel cannot run: PyTorch's SDPA, which wants (B, H, S, D)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return y.transpose(1, 2)  # (B, S, H, D)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        # fp32 accumulation always. DOT_IN_FP32 is only set under the Triton interpreter with bf16 inputs: it
+        # stores bf16 as raw uint16 and its tl.dot multiplies the bit patterns (triton-lang/triton#11584).
+        # Upcasting first is an exact stand-in, since a product of two bf16 values is exact in fp32.
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _allowed(MASK, rows, cols, S, stride_mask_rows, stride_mask_cols, HAS_MASK: tl.constexpr):
+        # (len(rows), len(cols)) block of which scores count: inside the sequence (the ragged tail of the last
+        # block is padding) and, with a mask, allowed by it. The bounds test is symmetric, so the backward gets
+        # the transposed block by swapping rows/cols and the two strides.
+        ok = (rows[:, None] < S) & (cols[None, :] < S)
+        if HAS_MASK:
+            allowed = tl.load(MASK + rows[:, None] * stride_mask_rows + cols[None, :] * stride_mask_cols,
+                              mask=ok, other=0)
+            ok = ok & (allowed != 0)
+        return ok
+
+    @triton.jit
+    def _attention_fwd_kernel(
+        Q, K, V, O, LSE, MASK,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh,
+        stride_mask_q, stride_mask_k,
+        H, S, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ):
+        # batch*head on axis 0: CUDA caps grid axes 1 and 2 at 65535, and B*H is the axis that grows
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        # int64 offsets: a fused qkv of a large batch passes 2**31 elements
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        O += b * stride_ob + h * stride_oh
+        LSE += pid_bh.to(tl.int64) * S
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < S
+        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+        # online softmax in the exp2 domain (qk_scale carries log2(e)); m_i is the running row max,
+        # l_i the running sum of exp2(score - m_i), acc the unnormalized output
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start_n in range(0, S, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < S
+            k = tl.load(K + cols[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            qk = _dot(q, tl.trans(k), DOT_PRECISION, DOT_IN_FP32) * qk_scale  # (BLOCK_M, BLOCK_N)
+            qk = tl.where(_allowed(MASK, offs_m, cols, S, stride_mask_q, stride_mask_k, HAS_MASK), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # a row that has no allowed key yet keeps m = -inf; shift it by 0 so exp2 gives 0 instead of nan
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk - m_shift[:, None])
+            alpha = tl.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_IN_FP32)
+            m_i = m_new
+
+        # l_i == 0 only for padding rows and rows the mask leaves empty: output 0 and lse = +inf, which makes
+        # every probability the backward recomputes exp(-inf) = 0 for them instead of nan
+        has_key = l_i > 0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        acc = acc / l_safe[:, None]
+        lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))  # natural log
+        tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + offs_m, lse, mask=row_ok)
+
+    @triton.jit
+    def _attention_bwd_delta_kernel(
+        O, DO, DELTA,
+        stride_ob, stride_os, stride_oh,
+        stride_dob, stride_dos, stride_doh,
+        H, S,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the term softmax's backward subtracts from every dP_ij
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        O += b * stride_ob + h * stride_oh
+        DO += b * stride_dob + h * stride_doh
+        DELTA += pid_bh.to(tl.int64) * S
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < S
+        o = tl.load(O + offs_m[:, None] * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + offs_m, delta, mask=row_ok)
+
+    @triton.jit
+    def _attention_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh,
+        stride_gb, stride_gs, stride_gh,
+        stride_mask_q, stride_mask_k,
+        H, S, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ):
+        # one program owns a block of keys and loops over all queries, so dK and dV are written once, no atomics;
+        # everything is computed transposed, (keys, queries), so the products land in (BLOCK_N, HEAD_DIM)
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        DO += b * stride_dob + h * stride_doh
+        DK += b * stride_gb + h * stride_gh
+        DV += b * stride_gb + h * stride_gh
+        LSE += pid_bh.to(tl.int64) * S
+        DELTA += pid_bh.to(tl.int64) * S
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        col_ok = offs_n < S
+        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        for start_m in range(0, S, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < S
+            q = tl.load(Q + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + rows[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # to the exp2 domain
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            qkT = _dot(k, tl.trans(q), DOT_PRECISION, DOT_IN_FP32) * qk_scale  # (BLOCK_N, BLOCK_M)
+            allowedT = _allowed(MASK, offs_n, rows, S, stride_mask_k, stride_mask_q, HAS_MASK)
+            # recompute the probabilities from the saved logsumexp; -inf first so masked scores never overflow
+            pT = tl.exp2(tl.where(allowedT, qkT, float("-inf")) - lse2[None, :])
+            dv += _dot(pT.to(do.dtype), do, DOT_PRECISION, DOT_IN_FP32)
+            dpT = _dot(v, tl.trans(do), DOT_PRECISION, DOT_IN_FP32)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(dsT.to(q.dtype), q, DOT_PRECISION, DOT_IN_FP32)
+        dk *= sm_scale
+        tl.store(DK + offs_n[:, None] * stride_gs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + offs_n[:, None] * stride_gs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+    @triton.jit
+    def _attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, MASK,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh,
+        stride_gb, stride_gs, stride_gh,
+        stride_mask_q, stride_mask_k,
+        H, S, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ):
+        # one program owns a block of queries and loops over all keys: recomputing P here is cheaper at
+        # S ~ 100 than accumulating dQ with atomics from the dK/dV kernel, and is deterministic
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        DO += b * stride_dob + h * stride_doh
+        DQ += b * stride_gb + h * stride_gh
+        LSE += pid_bh.to(tl.int64) * S
+        DELTA += pid_bh.to(tl.int64) * S
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < S
+        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # to the exp2 domain
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start_n in range(0, S, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < S
+            k = tl.load(K + cols[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            qk = _dot(q, tl.trans(k), DOT_PRECISION, DOT_IN_FP32) * qk_scale  # (BLOCK_M, BLOCK_N)
+            allowed = _allowed(MASK, offs_m, cols, S, stride_mask_q, stride_mask_k, HAS_MASK)
+            p = tl.exp2(tl.where(allowed, qk, float("-inf")) - lse2[:, None])
+            dp = _dot(do, tl.trans(v), DOT_PRECISION, DOT_IN_FP32)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, DOT_IN_FP32)
+        dq *= sm_scale
+        tl.store(DQ + offs_m[:, None] * stride_gs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _launch_settings(q):
+    """Block sizes, warps and dot precision for a (B, S, H, D) input; all compile-time constants of the kernels."""
+    S, D = q.size(1), q.size(3)
+    row_bytes = D * q.element_size()
+    seq_block = max(16, triton.next_power_of_2(S))  # tl.dot needs every tile edge >= 16
+    return dict(
+        # forward: 64 queries per program, and up to 128 keys per step so HRM's 82 tokens take one key block
+        # and the online-softmax rescale never runs; a k or v tile stays <= 32 KiB so two pipeline stages of
+        # both fit in shared memory (fp32 at head_dim 128 steps 64 keys at a time).
+        fwd_block_m=min(64, seq_block),
+        fwd_block_n=min(128, seq_block, 32768 // row_bytes),
+        # backward: 64 x 64 (32 for fp32 at head_dim 128), since it holds k, v, dk, dv and two score tiles at once
+        bwd_block_m=min(64, seq_block, 16384 // row_bytes),
+        bwd_block_n=min(64, seq_block, 16384 // row_bytes),
+        num_warps=4 if D <= 64 else 8,
+        num_stages=2,
+        # fp32 inputs get full fp32 products (Triton's default is tf32 on tensor cores); bf16/fp16 ignore this
+        dot_precision="ieee" if q.dtype == torch.float32 else "tf32",
+        dot_in_fp32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    )
+
+
+def _unit_last_stride(t):
+    # the kernels index head_dim with stride 1 so loads vectorize; any other stride (e.g. an expanded
+    # gradient) is copied once. Views of a fused qkv keep stride 1 and pass through uncopied.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mask_args(mask, q):
+    # bool is viewed as uint8 (same bytes, no copy): Triton loads bytes the same way on every backend
+    if mask is None:
+        return q, 0, 0, False  # q stands in for the pointer; HAS_MASK=False compiles every mask load away
+    return mask.view(torch.uint8), mask.stride(0), mask.stride(1), True
+
+
+def _check_can_launch(q):
+    if not HAS_TRITON:
+        raise RuntimeError("fused_attention needs triton; use sdpa_attention instead")
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("fused_attention on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+
+
+# Registered with torch.library.custom_op rather than triton_op + wrap_triton: an opaque op behaves the same
+# under torch 2.11 and 2.13 and under the Triton interpreter, torch.compile traces it with fake tensors
+# (register_fake) without graph breaks, and Inductor has nothing to gain from seeing inside a kernel that
+# already fuses the whole attention.
+@torch.library.custom_op("nanohrm::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns o (B, S, H, D) in q's dtype and the per-row logsumexp of the scaled scores, (B, H, S) fp32."""
+    _check_can_launch(q)
+    B, S, H, D = q.shape
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    o = torch.empty((B, S, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+    cfg = _launch_settings(q)
+    mask_ptr, stride_mask_q, stride_mask_k, has_mask = _mask_args(mask, q)
+    grid = (B * H, triton.cdiv(S, cfg["fwd_block_m"]))
+    _attention_fwd_kernel[grid](
+        q, k, v, o, lse, mask_ptr,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        stride_mask_q, stride_mask_k,
+        H, S, (1.0 / math.sqrt(D)) * 1.4426950408889634,
+        HEAD_DIM=D, BLOCK_M=cfg["fwd_block_m"], BLOCK_N=cfg["fwd_block_n"],
+        HAS_MASK=has_mask, DOT_PRECISION=cfg["dot_precision"], DOT_IN_FP32=cfg["dot_in_fp32"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return o, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask):
+    B, S, H, D = q.shape
+    return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanohrm::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq, dk, dv, each (B, S, H, D) in q's dtype, given do = dLoss/do and the forward's o and lse."""
+    _check_can_launch(q)
+    B, S, H, D = q.shape
+    do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
+    dq, dk, dv = (torch.empty((B, S, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
+    delta = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+    cfg = _launch_settings(q)
+    mask_ptr, stride_mask_q, stride_mask_k, has_mask = _mask_args(mask, q)
+    sm_scale = 1.0 / math.sqrt(D)
+
+    _attention_bwd_delta_kernel[(B * H, triton.cdiv(S, cfg["bwd_block_m"]))](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        H, S, HEAD_DIM=D, BLOCK_M=cfg["bwd_block_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    common = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),  # dq, dk and dv share one contiguous layout
+        stride_mask_q, stride_mask_k,
+        H, S, sm_scale * 1.4426950408889634, sm_scale,
+    )
+    constants = dict(HEAD_DIM=D, BLOCK_M=cfg["bwd_block_m"], BLOCK_N=cfg["bwd_block_n"], HAS_MASK=has_mask,
+                     DOT_PRECISION=cfg["dot_precision"], DOT_IN_FP32=cfg["dot_in_fp32"], num_warps=cfg["num_warps"],
+                     num_stages=cfg["num_stages"])
+    _attention_bwd_dkdv_kernel[(B * H, triton.cdiv(S, cfg["bwd_block_n"]))](
+        q, k, v, do, lse, delta, dk, dv, mask_ptr, *common, **constants)
+    _attention_bwd_dq_kernel[(B * H, triton.cdiv(S, cfg["bwd_block_m"]))](
+        q, k, v, do, lse, delta, dq, mask_ptr, *common, **constants)
+    return dq, dk, dv
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, mask):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, mask = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.mark_non_differentiable(lse)  # lse is saved for the backward, not a differentiable result
+
+
+def _attention_backward(ctx, do, dlse):
+    # dlse is unused: lse is non-differentiable
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, mask)
+    return dq, dk, dv, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def fused_attention(q, k, v, mask=None):
+    """
+    Attention with the Triton kernel. q, k, v: (B, S, H, D), any strides (the views of a fused qkv projection
+    are read in place); D a power of two >= 16; fp32, bf16 or fp16 with fp32 accumulation.
+    mask: optional (S, S) bool, True where query i may attend key j; every row should allow at least one key
+    (a row that allows none gets a zero output and zero gradients). Returns o: (B, S, H, D) in the input dtype.
+    """
+    assert q.dim() == 4 and q.shape == k.shape == v.shape, "q, k, v must share one (B, S, H, D) shape"
+    assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    D = q.size(-1)
+    assert D >= 16 and D & (D - 1) == 0, "head_dim must be a power of two >= 16"
+    if mask is not None:
+        assert mask.dtype == torch.bool and mask.shape == (q.size(1), q.size(1)), "mask must be (S, S) bool"
+    o, _ = attention_fwd(q, k, v, mask)
+    return o
+
+
 class Attention(nn.Module):
-    """Non-causal multi-head self-attention with RoPE. The math is F.scaled_dot_product_attention;
-    on CUDA the same math runs fused in the Triton kernel above (fused_attention)."""
+    """Non-causal multi-head self-attention with RoPE, computed by the Triton kernel above
+    (fused_attention) or by PyTorch's SDPA (sdpa_attention); HRM.uses_triton picks."""
 
     def __init__(self, config):
         super().__init__()
