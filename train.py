@@ -335,8 +335,8 @@ def print_breakdown(result):
           f"segments {result['steps']:.1f} | q-halt accuracy "
           f"{'n/a' if result['q_halt_acc'] is None else format(result['q_halt_acc'], '.2%')} | {result['puzzles']} puzzles")
     for key in ('rating', 'givens'):
-        print(f"  by {key}:", ' | '.join(f"{name.split('/')[1]}: {acc:.1%} of {count}"
-                                        for name, (acc, count) in result.items() if name.startswith(f'exact_by_{key}/')))
+        parts = [(name.split('/')[1], value) for name, value in result.items() if name.startswith(f'exact_by_{key}/')]
+        print(f"  by {key}:", ' | '.join(f"{name}: {acc:.1%} of {count}" for name, (acc, count) in parts))
 
 
 def save_checkpoint():
@@ -452,7 +452,8 @@ while step < max_steps:
         values = dict(zip(names, packed[:-2].tolist()))
         stop_requested, out_of_time = packed[-2].item() > 0, packed[-1].item() > 0
         window = {}
-        dt = (time.time() - t_log) / max(1, step - step_log)
+        window_steps = step - step_log
+        dt = (time.time() - t_log) / window_steps
         t_log, step_log = time.time(), step
         count = max(values['count'], 1)
         puzzles_seen += int(values['count'])
@@ -462,18 +463,17 @@ while step < max_steps:
                       f"({ckpt_path}) is untouched; try a lower lr or dtype=float32.", file=sys.stderr)
             exit_code = 1
             break
-        n_batches = log_interval * gradient_accumulation_steps * world_size
         record = {'step': step, 'epoch': step / steps_per_epoch, 'lr': get_lr(step - 1, lr),
-                  'loss': values['loss'] / global_batch_size / log_interval,
-                  'lm_loss': values['lm_loss'] / global_batch_size / log_interval,
+                  'loss': values['loss'] / global_batch_size / window_steps,
+                  'lm_loss': values['lm_loss'] / global_batch_size / window_steps,
                   'train_exact_acc': values['exact_acc'] / count, 'train_cell_acc': values['cell_acc'] / count,
                   'train_steps': values['steps'] / count, 'ms_per_step': 1000 * dt, 'puzzles_per_s': global_batch_size / dt,
                   'wall_s': elapsed_before + time.time() - t_start, 'puzzles_seen': puzzles_seen}
         if 'q_halt_loss' in values:
-            record['q_halt_loss'] = values['q_halt_loss'] / global_batch_size / log_interval
+            record['q_halt_loss'] = values['q_halt_loss'] / global_batch_size / window_steps
             record['q_halt_acc'] = values['q_halt_acc'] / count
         if 'q_continue_loss' in values:
-            record['q_continue_loss'] = values['q_continue_loss'] / global_batch_size / log_interval
+            record['q_continue_loss'] = values['q_continue_loss'] / global_batch_size / window_steps
         if device_type == 'cuda':
             record['mfu'] = flops / dt / peak_flops / world_size
         if master_process:
@@ -496,6 +496,7 @@ while step < max_steps:
                     log_record(result)
                 target_reached = target_exact_acc > 0 and result['exact_acc'] >= target_exact_acc
             save_checkpoint()
+            t_log = time.time()  # ms/step excludes eval and checkpoint time
             if stop_requested:
                 if master_process:
                     print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path} (resume with --init_from=resume)")

@@ -5,7 +5,7 @@
 # and no Q head (see README, "Learning fast").
 out_dir = 'out-sudoku-cpu'
 data_dir = 'data/sudoku-gen-30-40'
-prepare_args = '--source=generate --n_train=20000 --n_test=1000 --min_givens=30 --max_givens=40 --workers=2'
+prepare_args = '--source=generate --n_train=20000 --n_test=1000 --min_givens=30 --max_givens=40 --workers=2 --subsample_size=0'
 # model
 hidden_size = 64
 num_heads = 2
@@ -30,7 +30,7 @@ warmup_iters = 50
 lr_min_ratio = 0.1
 max_iters = 12000
 max_minutes = 28.0
-eval_interval = 0.5
+eval_interval = 2.5
 eval_max_puzzles = 1000
 eval_segments = 16
 log_interval = 50
