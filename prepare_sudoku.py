@@ -1,0 +1,873 @@
+"""
+Prepare the Sudoku data for nanoHRM, and hold the puzzle utilities the other scripts import.
+
+Where the data comes from (pick one):
+$ python prepare_sudoku.py                                    # Sudoku-Extreme from Hugging Face, 1000 train puzzles
+$ python prepare_sudoku.py --source=DIR                       # DIR holds train.csv and test.csv
+$ python prepare_sudoku.py --train_csv=A.csv --test_csv=B.csv
+$ python prepare_sudoku.py --source=generate --n_train=1000 --min_givens=24 --max_givens=32
+$ python prepare_sudoku.py --show=data/sudoku-extreme-1k      # look inside a prepared dataset
+
+What it writes to --out_dir (default data/sudoku-extreme-1k):
+train.bin, test.bin                 uint8 (N, 162): 81 puzzle cells then 81 solution cells, 0 = blank
+train_rating.bin, test_rating.bin   uint16 (N,): solver guesses needed, the Sudoku-Extreme difficulty
+meta.json                           counts, histograms, sha256 of each .bin, the options used
+
+Cells are numbered row by row, 0..80. Digits are 1..9 and 0 is a blank everywhere in this repo.
+"""
+
+import argparse
+import hashlib
+import http.client
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# board geometry: the 27 units (9 rows, 9 columns, 9 boxes) and each cell's 20 peers
+
+ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
+COLS = [[r * 9 + c for r in range(9)] for c in range(9)]
+BOXES = [[(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)] for b in range(9)]
+UNITS = ROWS + COLS + BOXES
+UNIT_NAMES = [f"{kind} {i + 1}" for kind in ("row", "column", "box") for i in range(9)]
+PEERS = [tuple(sorted({p for unit in UNITS if c in unit for p in unit} - {c})) for c in range(81)]
+CELL_UNITS = [tuple(u for u, unit in enumerate(UNITS) if c in unit) for c in range(81)]
+
+FORMAT = ("train.bin/test.bin: uint8 array (N, 162), row-major, no header; columns 0..80 are the puzzle "
+          "cells and 81..161 the solution cells, row by row; 0 = blank, 1..9 = digit. "
+          "train_rating.bin/test_rating.bin: uint16 array (N,), the rating of each row (clipped at 65535).")
+
+# difficulty bins shared with train.py's eval, so accuracy per bin means the same thing everywhere
+RATING_BINS = [(0, 0, "0"), (1, 2, "1-2"), (3, 9, "3-9"), (10, 29, "10-29"), (30, None, "30+")]
+
+# -----------------------------------------------------------------------------
+# text <-> grid
+
+
+def _as_list(cells):
+    # from numpy/torch: their scalars are slow in Python loops, and numpy uint8 overflows in 1 << d
+    return cells.tolist() if hasattr(cells, "tolist") else list(cells)
+
+def parse_grid(text):
+    """81 cells from text: digits 1-9, '.' or '0' for blanks; whitespace and '|', '-', '+' are ignored."""
+    cells = []
+    for ch in text:
+        if ch in "123456789":
+            cells.append(int(ch))
+        elif ch in ".0":
+            cells.append(0)
+        elif not (ch.isspace() or ch in "|-+"):
+            raise ValueError(f"illegal character {ch!r} in sudoku grid (allowed: 1-9, '.' or '0' for blanks)")
+    if len(cells) != 81:
+        raise ValueError(f"a sudoku grid has 81 cells, found {len(cells)}")
+    return np.array(cells, dtype=np.uint8)
+
+
+def grid_to_string(cells):
+    return "".join(str(d) if d else "." for d in _as_list(cells))
+
+
+def format_grid(cells):
+    """The 9x9 grid as 11 lines of text with box separators."""
+    cells = _as_list(cells)
+    lines = []
+    for r in range(9):
+        if r in (3, 6):
+            lines.append("------+-------+------")
+        row = [str(d) if d else "." for d in cells[r * 9:r * 9 + 9]]
+        lines.append(" | ".join(" ".join(row[i:i + 3]) for i in (0, 3, 6)))
+    return "\n".join(lines)
+
+
+def format_side_by_side(grids, titles):
+    """Several grids next to each other with a title above each, e.g. puzzle | model answer | solution."""
+    blocks = [format_grid(g).split("\n") for g in grids]
+    width = len(blocks[0][0])
+    lines = ["   ".join(t[:width].ljust(width) for t in titles).rstrip()]
+    lines += ["   ".join(block[i] for block in blocks) for i in range(len(blocks[0]))]
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# checking grids
+
+
+def find_conflicts(cells):
+    """Names of the units that hold a repeated digit among their filled cells; [] means no conflict."""
+    cells = _as_list(cells)
+    conflicts = []
+    for name, unit in zip(UNIT_NAMES, UNITS):
+        digits = [cells[i] for i in unit if cells[i]]
+        if len(digits) != len(set(digits)):
+            conflicts.append(name)
+    return conflicts
+
+
+def is_complete_valid(cells):
+    cells = _as_list(cells)
+    return len(cells) == 81 and all(1 <= d <= 9 for d in cells) and not find_conflicts(cells)
+
+
+def agrees_with_givens(puzzle, solution):
+    return all(p == 0 or p == s for p, s in zip(_as_list(puzzle), _as_list(solution)))
+
+
+def check_grids(puzzles, preds):
+    """Vectorized check of model answers. puzzles, preds: (N, 81) integer tensors on any device.
+    Returns (valid, consistent), bool (N,): valid = preds is a complete valid sudoku,
+    consistent = preds keeps every given of its puzzle."""
+    preds = preds.long()
+    units = torch.tensor(UNITS, device=preds.device)                # (27, 9)
+    in_units = preds[:, units].sort(dim=-1).values                  # (N, 27, 9)
+    # a unit is right exactly when its sorted digits are 1..9; blanks (0) and junk values fail this
+    valid = (in_units == torch.arange(1, 10, device=preds.device)).all(dim=-1).all(dim=-1)
+    puzzles = puzzles.long()
+    consistent = ((puzzles == 0) | (puzzles == preds)).all(dim=-1)
+    return valid, consistent
+
+# -----------------------------------------------------------------------------
+# solver: constraint propagation (naked and hidden singles) plus branching, on candidate bitmasks.
+# cand[cell] has bit d set while digit d (1..9) is still possible there; one bit left = the cell is fixed.
+
+ALL_DIGITS = 0b1111111110
+POPCOUNT = [bin(m).count("1") for m in range(1024)]
+DIGIT_OF_BIT = {1 << d: d for d in range(1, 10)}
+
+
+def _propagate(cand, done, queue):
+    """Apply naked and hidden singles until nothing changes. done[unit] is the mask of digits already
+    fixed in each of the 27 units; queue holds the freshly fixed cells whose digit still has to be
+    removed from their peers. Returns False on a contradiction."""
+    peers, popcount, units, cell_units = PEERS, POPCOUNT, UNITS, CELL_UNITS  # locals: the hot loop
+    while True:
+        while queue:
+            cell = queue.pop()
+            bit = cand[cell]
+            for u in cell_units[cell]:
+                done[u] |= bit
+            for peer in peers[cell]:
+                m = cand[peer]
+                if m & bit:
+                    m ^= bit
+                    if not m:
+                        return False
+                    cand[peer] = m
+                    if popcount[m] == 1:
+                        queue.append(peer)
+        # hidden singles: a digit with a single place left in a unit must go there
+        for u, unit in enumerate(units):
+            if done[u] == ALL_DIGITS:
+                continue
+            once = twice = 0
+            for cell in unit:
+                m = cand[cell]
+                twice |= once & m
+                once |= m
+            if once != ALL_DIGITS:
+                return False  # some digit has nowhere to go in this unit
+            hidden = once & ~twice & ~done[u]
+            while hidden:
+                bit = hidden & -hidden
+                hidden ^= bit
+                for cell in unit:
+                    if cand[cell] & bit:
+                        break
+                else:
+                    return False  # its only cell was just taken by another hidden single
+                cand[cell] = bit
+                queue.append(cell)
+        if not queue:
+            return True
+
+
+def _search(cand, done, queue, limit, solutions, stats, rng):
+    """Depth-first search; appends up to `limit` solutions. stats = [guesses, guesses before 1st solution]."""
+    if not _propagate(cand, done, queue):
+        return
+    # branch on the open cell with the fewest candidates: the fewest wrong guesses to back out of
+    best, best_count = -1, 10
+    for cell in range(81):
+        n = POPCOUNT[cand[cell]]
+        if 1 < n < best_count:
+            best, best_count = cell, n
+            if n == 2:
+                break
+    if best < 0:
+        solutions.append([DIGIT_OF_BIT[m] for m in cand])
+        if len(solutions) == 1:
+            stats[1] = stats[0]
+        return
+    m = cand[best]
+    bits = [1 << d for d in range(1, 10) if m >> d & 1]
+    if rng is not None:
+        rng.shuffle(bits)
+    for bit in bits:
+        stats[0] += 1
+        child = cand[:]
+        child[best] = bit
+        _search(child, done[:], [best], limit, solutions, stats, rng)
+        if len(solutions) >= limit:
+            return
+
+
+def _solutions(cells, limit, rng=None):
+    """(up to `limit` solutions as lists, guesses made, guesses made before the first solution).
+    rng (a random.Random) shuffles the order digits are tried in: used to make random grids."""
+    cand = [ALL_DIGITS] * 81
+    queue = []
+    for cell, d in enumerate(cells):
+        if d:
+            cand[cell] = 1 << d
+            queue.append(cell)
+    solutions, stats = [], [0, 0]
+    _search(cand, [0] * 27, queue, limit, solutions, stats, rng)
+    return solutions, stats[0], stats[1]
+
+
+def solve(cells, limit=2):
+    """Count solutions up to `limit`. Returns (n_solutions, first solution as uint8 (81,) or None, guesses).
+    guesses = branching guesses the search made; 0 means propagation alone solved it.
+    cells: 81 values 0..9 (list, numpy array, tensor) or a grid string for parse_grid."""
+    cells = parse_grid(cells) if isinstance(cells, str) else cells
+    cells = _as_list(cells)
+    if len(cells) != 81 or not all(0 <= d <= 9 for d in cells):
+        raise ValueError("solve() wants 81 cells with values 0..9")
+    solutions, guesses, _ = _solutions(cells, limit)
+    first = np.array(solutions[0], dtype=np.uint8) if solutions else None
+    return len(solutions), first, guesses
+
+
+def rate(cells):
+    """The Sudoku-Extreme idea of difficulty: how many guesses a solver needs before it finds the solution."""
+    return solve(cells, limit=1)[2]
+
+# -----------------------------------------------------------------------------
+# generator: unique-solution puzzles carved out of random complete grids
+
+START_GIVENS = 36  # clues kept at first: fewer leave many solutions, and repairing those costs more
+TARGET_TRIES = 4   # fresh grids tried for the exact target count before settling for the closest
+MAX_ATTEMPTS = 200  # fresh grids tried before giving up on getting down to max_givens
+
+
+def random_grid(rng):
+    """A random complete grid (list of 81 digits) from a random.Random."""
+    # the three diagonal boxes share no unit, so any digits go there; a randomized search fills the rest
+    cells = [0] * 81
+    for box in (0, 4, 8):
+        digits = list(range(1, 10))
+        rng.shuffle(digits)
+        for cell, d in zip(BOXES[box], digits):
+            cells[cell] = d
+    return _solutions(cells, 1, rng)[0][0]
+
+
+def make_puzzle(rng, target):
+    """One unique-solution puzzle with at least `target` givens: (puzzle, solution, rating), lists of 81.
+    It lands on `target` unless the puzzle became minimal (no clue removable) above it."""
+    solution = random_grid(rng)
+    order = list(range(81))
+    rng.shuffle(order)
+    puzzle = [0] * 81
+    for cell in order[:max(target, START_GIVENS)]:
+        puzzle[cell] = solution[cell]
+    # a random set of cells rarely has a unique solution: repair it with a few targeted clues, which
+    # is much cheaper than finding uniqueness by removing clues one by one from the full grid
+    rating = _make_unique(puzzle, solution, rng)
+    # then take clues out in random order, keeping each removal that leaves the solution unique
+    givens = [cell for cell in range(81) if puzzle[cell]]
+    rng.shuffle(givens)
+    n_givens = len(givens)
+    for cell in givens:
+        if n_givens <= target:
+            break
+        digit, puzzle[cell] = puzzle[cell], 0
+        solutions, _, n_guesses_to_first = _solutions(puzzle, 2)
+        if len(solutions) == 1:
+            rating, n_givens = n_guesses_to_first, n_givens - 1
+        else:
+            puzzle[cell] = digit
+    return puzzle, solution, rating
+
+
+def _make_unique(puzzle, solution, rng):
+    """Add clues from `solution` to `puzzle` (in place) until it has no other solution: each time a
+    second solution shows up, give the true digit at a cell where that one differs, which rules it out.
+    Returns the rating of the result: the guesses its check made before finding the first solution."""
+    while True:
+        solutions, _, rating = _solutions(puzzle, 2)
+        if len(solutions) == 1:
+            return rating
+        other = solutions[0] if solutions[0] != solution else solutions[1]
+        cell = rng.choice([i for i in range(81) if other[i] != solution[i]])
+        puzzle[cell] = solution[cell]
+
+
+def _generate_one(job):
+    """Puzzle number `index` of a generate() run. Its random stream comes from (seed, index) alone,
+    so the output does not depend on how the puzzles are spread over workers."""
+    seed, index, min_givens, max_givens = job
+    rng = random.Random(f"{seed}:{index}")
+    target = rng.randint(min_givens, max_givens)
+    best = None
+    for attempt in range(MAX_ATTEMPTS):
+        puzzle, solution, rating = make_puzzle(rng, target)
+        n_givens = sum(1 for d in puzzle if d)
+        if n_givens <= max_givens and (best is None or n_givens < best[0]):
+            best = (n_givens, puzzle, solution, rating)
+        # low targets often end minimal a few clues above: a few more grids get closer, then take the best
+        if best is not None and (best[0] == target or attempt + 1 >= TARGET_TRIES):
+            return best[1:]
+    raise ValueError(f"found no unique puzzle with at most {max_givens} givens in {MAX_ATTEMPTS} tries; "
+                     "removing clues at random rarely gets below ~22 givens, raise --max_givens")
+
+
+def generate(n, min_givens, max_givens, seed, workers=1, progress=True):
+    """n unique-solution puzzles, the number of givens of each drawn uniformly from [min_givens, max_givens].
+    Below ~24 givens random removal often gets stuck a little above the draw, so low counts come out
+    rarer than uniform. Returns (rows uint8 (n, 162): puzzle then solution, ratings int64 (n,)).
+    Same seed, same puzzles, whatever `workers` is."""
+    if not 17 <= min_givens <= max_givens <= 80:
+        raise ValueError(f"need 17 <= min_givens <= max_givens <= 80, got min_givens={min_givens}, "
+                         f"max_givens={max_givens} (no sudoku with fewer than 17 givens has a unique solution)")
+    rows = np.zeros((n, 162), dtype=np.uint8)
+    ratings = np.zeros(n, dtype=np.int64)
+    jobs = [(seed, i, min_givens, max_givens) for i in range(n)]
+    t0 = last_print = time.time()
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_generate_one, jobs, chunksize=8) if pool else map(_generate_one, jobs)
+        for i, (puzzle, solution, rating) in enumerate(results):
+            rows[i, :81] = puzzle
+            rows[i, 81:] = solution
+            ratings[i] = rating
+            if progress and (time.time() - last_print > 0.25 or i + 1 == n):
+                last_print = time.time()
+                bar = "#" * (30 * (i + 1) // n)
+                print(f"\rgenerating [{bar:<30}] {i + 1}/{n}", end="", file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.terminate()
+    if progress:
+        seconds = time.time() - t0
+        print(f"\ngenerated {n} puzzles in {seconds:.1f}s: {n / max(seconds, 1e-9):.0f} puzzles/s "
+              f"with {workers} worker(s)", file=sys.stderr)
+    return rows, ratings
+
+# -----------------------------------------------------------------------------
+# augmentation: random symmetries that map a valid sudoku to a valid sudoku
+
+
+def augment(puzzles, solutions, generator=None):
+    """Give every row its own random symmetry: relabel the digits, permute the bands, the stacks, the rows
+    inside each band and the columns inside each stack, and transpose half the time.
+    puzzles, solutions: (B, 81) integer tensors on any device, 0 = blank. Returns new tensors."""
+    B, device = puzzles.shape[0], puzzles.device
+
+    def permutations(*shape):  # random permutations of 0..shape[-1]-1 along the last dim
+        return torch.rand(*shape, generator=generator, device=device).argsort(dim=-1)
+
+    # source row of each output row: pick a band, then a row inside it; columns likewise with stacks
+    rows = (permutations(B, 3)[:, :, None] * 3 + permutations(B, 3, 3)).view(B, 9)
+    cols = (permutations(B, 3)[:, :, None] * 3 + permutations(B, 3, 3)).view(B, 9)
+    index = rows[:, :, None] * 9 + cols[:, None, :]                            # (B, 9, 9) source cell
+    transpose = torch.rand(B, generator=generator, device=device) < 0.5
+    index = torch.where(transpose[:, None, None], index.transpose(1, 2), index).reshape(B, 81)
+    digits = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device),   # blanks stay blank
+                        permutations(B, 9) + 1], dim=1)                        # (B, 10) new label of each digit
+
+    def apply(grids):
+        return digits.gather(1, grids.long().gather(1, index)).to(grids.dtype)
+    return apply(puzzles), apply(solutions)
+
+# -----------------------------------------------------------------------------
+# difficulty bins over ratings (see RATING_BINS)
+
+
+def bin_index(ratings):
+    """Index into RATING_BINS for each rating; takes a numpy array or a torch tensor and returns the same kind."""
+    starts = [low for low, _, _ in RATING_BINS]
+    if isinstance(ratings, torch.Tensor):
+        return torch.searchsorted(torch.tensor(starts, device=ratings.device), ratings.long(), right=True) - 1
+    return np.searchsorted(starts, np.asarray(ratings, dtype=np.int64), side="right") - 1
+
+
+def rating_bin_names(ratings):
+    return [RATING_BINS[i][2] for i in _as_list(bin_index(ratings))]
+
+# -----------------------------------------------------------------------------
+# reading a prepared dataset (what train.py and friends use)
+
+
+def _prepared_file(data_dir, name):
+    path = Path(data_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; make the dataset first: "
+                                f"python prepare_sudoku.py --out_dir={data_dir}")
+    return path
+
+
+def read_split(data_dir, split):
+    """The rows of a split as a read-only uint8 memmap (N, 162): puzzle cells then solution cells."""
+    path = _prepared_file(data_dir, f"{split}.bin")
+    size = path.stat().st_size
+    if size % 162:
+        raise ValueError(f"{path} holds {size} bytes, not a whole number of 162-byte rows")
+    if size == 0:
+        return np.zeros((0, 162), dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(size // 162, 162))
+
+
+def read_ratings(data_dir, split):
+    """The rating of each row of a split as a read-only uint16 memmap (N,)."""
+    path = _prepared_file(data_dir, f"{split}_rating.bin")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def read_meta(data_dir):
+    return json.loads(_prepared_file(data_dir, "meta.json").read_text())
+
+# -----------------------------------------------------------------------------
+# loading Sudoku-Extreme style CSVs: source,question,answer,rating
+
+
+CSV_HEADER = b"source,question,answer,rating"
+CHUNK_ROWS = 1 << 16  # rows checked per numpy pass: bounds the temporary arrays
+
+
+def _lookup(mapping):
+    # byte -> digit table for vectorized decoding; 255 marks a byte that is not allowed
+    table = np.full(256, 255, dtype=np.uint8)
+    for ch, d in mapping.items():
+        table[ord(ch)] = d
+    return table
+
+
+QUESTION_BYTES = _lookup({**{str(d): d for d in range(1, 10)}, ".": 0, "0": 0})
+ANSWER_BYTES = _lookup({str(d): d for d in range(1, 10)})
+DIGIT_BITS = np.array([1 << d if 1 <= d <= 9 else 0 for d in range(256)], dtype=np.uint16)  # digit -> bit
+
+
+def load_csv(path, skip_bad=False):
+    """Read a CSV with header source,question,answer,rating ('.' or '0' blanks in the question).
+    Every row is checked; a bad one raises ValueError "path:line: reason" unless skip_bad drops it.
+    Returns (rows uint8 (N, 162), ratings int64 (N,), n_bad). Vectorized: a million rows take seconds."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    size = os.path.getsize(path)
+    data = bytearray(size + 256)  # zero padding, so the fixed-width reads below never run off the end
+    with open(path, "rb") as f:
+        if f.readinto(memoryview(data)[:size]) != size:
+            raise OSError(f"{path}: file changed while reading")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # line i spans data[starts[i]:ends[i]], without its newline and without a '\r' before that
+    newlines = np.flatnonzero(buf[:size] == ord("\n"))
+    starts = np.concatenate([[0], newlines + 1])
+    ends = np.concatenate([newlines, [size]])
+    ends -= (ends > starts) & (buf[np.maximum(ends - 1, 0)] == ord("\r"))
+    if data[starts[0]:ends[0]].removeprefix(b"\xef\xbb\xbf").strip() != CSV_HEADER:  # also with a UTF-8 BOM
+        found = data[starts[0]:ends[0]][:60].decode("utf-8", errors="replace")
+        raise ValueError(f"{path}:1: expected the header '{CSV_HEADER.decode()}', found {found!r}")
+    line_numbers = np.arange(1, len(starts) + 1)
+    keep = ends > starts  # empty lines, like the one after a final newline, are not rows
+    keep[0] = False       # the header
+    starts, ends, line_numbers = starts[keep], ends[keep], line_numbers[keep]
+    n = len(starts)
+
+    # fields: a good row has exactly 3 commas, with 81 characters between the 1st and 2nd and the 2nd and 3rd
+    commas = np.flatnonzero(buf[:size] == ord(","))
+    line_of_comma = np.searchsorted(starts, commas, side="right") - 1
+    in_row = (line_of_comma >= 0) & (commas < ends[np.maximum(line_of_comma, 0)])
+    commas, line_of_comma = commas[in_row], line_of_comma[in_row]
+    n_commas = np.bincount(line_of_comma, minlength=n)
+    first = np.cumsum(n_commas) - n_commas
+    commas = np.concatenate([commas, [0, 0, 0]])  # so rows with fewer commas still index somewhere
+    question_start, rating_start = commas[first] + 1, commas[first + 2] + 1
+    rating_len = ends - rating_start
+    bad = ((n_commas != 3) | (commas[first + 1] - question_start != 81) | (rating_start - question_start != 164)
+           | (rating_len < 1) | (rating_len > 9))
+    question_start[bad] = rating_start[bad] = rating_len[bad] = 0  # read harmless bytes, the row is dropped
+
+    # views of the 163 bytes from each position (question, comma, answer) and of the 9 from each position
+    # (the rating): picking rows of these copies whole byte runs, much faster than an index per byte
+    question_answer = np.lib.stride_tricks.sliding_window_view(buf, 163)
+    rating_digits = np.lib.stride_tricks.sliding_window_view(buf, 9)
+    rows = np.zeros((n, 162), dtype=np.uint8)
+    ratings = np.zeros(n, dtype=np.int64)
+    for lo in range(0, n, CHUNK_ROWS):
+        chunk = slice(lo, lo + CHUNK_ROWS)
+        fields = question_answer[question_start[chunk]]                                     # (C, 163)
+        question, answer = QUESTION_BYTES[fields[:, :81]], ANSWER_BYTES[fields[:, 82:]]  # 255 = illegal
+        chars = rating_digits[rating_start[chunk]].astype(np.int64) - ord("0")              # (C, 9)
+        in_rating = np.arange(9) < rating_len[chunk, None]                               # (C, 9)
+        rating = np.zeros(len(chars), dtype=np.int64)
+        for k in range(9):
+            rating = np.where(in_rating[:, k], rating * 10 + chars[:, k], rating)
+        bad[chunk] |= ((question == 255).any(1) | (answer == 255).any(1)
+                       | (in_rating & ((chars < 0) | (chars > 9))).any(1)
+                       | ~_complete_valid_rows(answer)
+                       | ((question != 0) & (question != answer)).any(1))
+        rows[chunk, :81] = question
+        rows[chunk, 81:] = answer
+        ratings[chunk] = rating
+
+    n_bad = int(bad.sum())
+    if n_bad and not skip_bad:
+        i = int(np.argmax(bad))
+        line = bytes(data[starts[i]:ends[i]])
+        raise ValueError(f"{path}:{line_numbers[i]}: {_row_problem(line) or 'malformed row'}")
+    if n_bad:
+        rows, ratings = rows[~bad], ratings[~bad]
+    return rows, ratings, n_bad
+
+
+def _complete_valid_rows(grids):
+    """Which rows of grids (N, 81) are solved sudokus: each row, column and box ORs to all 9 digit bits.
+    Written as slice-wise ORs, several times faster than gathering the 27 units."""
+    bits = DIGIT_BITS[grids].reshape(-1, 9, 9)
+    rows, cols = bits[:, :, 0].copy(), bits[:, 0, :].copy()
+    for k in range(1, 9):
+        rows |= bits[:, :, k]
+        cols |= bits[:, k, :]
+    boxes = bits.reshape(-1, 3, 3, 3, 3)[:, :, 0, :, 0].copy()  # (N, band, stack)
+    for k in range(1, 9):
+        boxes |= bits.reshape(-1, 3, 3, 3, 3)[:, :, k // 3, :, k % 3]
+    return (rows == ALL_DIGITS).all(1) & (cols == ALL_DIGITS).all(1) & (boxes == ALL_DIGITS).all((1, 2))
+
+
+def _row_problem(line):
+    """What is wrong with one CSV row, in words (None if nothing). Slow; only used for error messages."""
+    fields = line.decode("utf-8", errors="replace").split(",")
+    if len(fields) != 4:
+        return f"expected 4 comma-separated fields (source,question,answer,rating), found {len(fields)}"
+    _, question, answer, rating = fields
+    for name, text, allowed in (("question", question, "123456789.0"), ("answer", answer, "123456789")):
+        if len(text) != 81:
+            return f"{name} has {len(text)} cells, expected 81"
+        illegal = [ch for ch in text if ch not in allowed]
+        if illegal:
+            return f"{name} has the illegal character {illegal[0]!r}"
+    if not (1 <= len(rating) <= 9 and all(ch in "0123456789" for ch in rating)):
+        return f"rating {rating!r} is not a non-negative integer (at most 9 digits)"
+    conflicts = find_conflicts(parse_grid(answer))
+    if conflicts:
+        return f"answer is not a valid sudoku solution ({conflicts[0]} repeats a digit)"
+    for cell, (given, digit) in enumerate(zip(question, answer)):
+        if given not in ".0" and given != digit:
+            return f"answer has {digit} where the question gives {given} (row {cell // 9 + 1}, column {cell % 9 + 1})"
+    return None
+
+# -----------------------------------------------------------------------------
+# downloading
+
+
+def hf_url(filename):
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/datasets/sapientinc/sudoku-extreme/resolve/main/{filename}"
+
+
+def download(url, dest):
+    """Fetch url to dest via dest.part, resuming a partial .part; dest appears only when complete."""
+    dest = str(dest)
+    if os.path.exists(dest):
+        print(f"{dest} already there, not downloading")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"User-Agent": "nanoHRM-prepare_sudoku"}
+    if os.environ.get("HF_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # our .part is no prefix of the file (did it change?): start over
+            os.remove(part)
+            return download(url, dest)
+        raise
+    except http.client.HTTPException as e:  # a garbled reply; everything else arrives as an OSError
+        raise OSError(f"bad reply from the server ({type(e).__name__})") from e
+    with response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the Range header and sends the whole file
+        size = response.headers.get("Content-Length")
+        total = have + int(size) if size is not None else None
+        done, last_print = have, 0.0
+        try:
+            with open(part, "ab" if have else "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if time.time() - last_print > 0.5:
+                        last_print = time.time()
+                        of_total = f" of {total / 1e6:.1f}" if total else ""
+                        print(f"\r{os.path.basename(dest)}: {done / 1e6:.1f}{of_total} MB", end="",
+                              file=sys.stderr, flush=True)
+        except http.client.HTTPException as e:  # e.g. IncompleteRead; the .part stays, to resume from
+            raise OSError(f"connection broke off after {done} bytes ({type(e).__name__})") from e
+    print(f"\r{os.path.basename(dest)}: {done / 1e6:.1f} MB, done", file=sys.stderr)
+    if total is not None and done != total:
+        raise OSError(f"got {done} of {total} bytes; run again to resume")
+    os.replace(part, dest)
+
+# -----------------------------------------------------------------------------
+# building a dataset (the command line)
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description="Prepare Sudoku data for nanoHRM (see the top of prepare_sudoku.py).")
+    add = parser.add_argument
+    add("--source", default=None, help="hf (default), generate, or a folder holding train.csv and test.csv")
+    add("--train_csv", default=None, help="train CSV (with --test_csv), instead of --source")
+    add("--test_csv", default=None)
+    add("--cache_dir", default="data/cache/sudoku-extreme", help="where --source=hf downloads go")
+    add("--out_dir", default="data/sudoku-extreme-1k")
+    add("--subsample_size", type=int, default=1000, help="train puzzles kept, a random subset; 0 or -1 = all")
+    add("--test_size", type=int, default=-1, help="test puzzles kept, a random subset; 0 or -1 = all")
+    add("--min_rating", type=int, default=0, help="keep only puzzles rated at least this")
+    add("--num_aug", type=int, default=0, help="augmented copies stored per train puzzle, besides the original")
+    add("--seed", type=int, default=0)
+    add("--skip_bad", type=_bool, nargs="?", const=True, default=False, help="drop bad CSV rows instead of failing")
+    add("--n_train", type=int, default=1000, help="--source=generate: train puzzles")
+    add("--n_test", type=int, default=1000, help="--source=generate: test puzzles")
+    add("--min_givens", type=int, default=24, help="--source=generate: fewest givens")
+    add("--max_givens", type=int, default=32, help="--source=generate: most givens")
+    add("--workers", type=int, default=os.cpu_count() or 1, help="--source=generate: processes")
+    add("--show", default=None, help="print a summary and a few puzzles of the prepared dataset in this folder")
+    add("--show_n", type=int, default=3, help="puzzles per split that --show prints")
+    args = parser.parse_args(argv)
+    if args.source is not None and (args.train_csv or args.test_csv):
+        raise ValueError("pass either --source or --train_csv/--test_csv, not both")
+    if bool(args.train_csv) != bool(args.test_csv):
+        raise ValueError("--train_csv and --test_csv go together")
+    if not args.train_csv:
+        args.source = args.source or "hf"
+    for name in ("subsample_size", "test_size"):
+        if getattr(args, name) < -1:
+            raise ValueError(f"--{name} must be a count, or 0 or -1 for all, got {getattr(args, name)}")
+    for name, low in (("min_rating", 0), ("num_aug", 0), ("n_train", 1), ("n_test", 1), ("workers", 1), ("show_n", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    if args.source == "generate" and not 17 <= args.min_givens <= args.max_givens <= 80:
+        raise ValueError(f"need 17 <= --min_givens <= --max_givens <= 80, got {args.min_givens} and {args.max_givens} "
+                         "(no sudoku with fewer than 17 givens has a unique solution)")
+    return args
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main's error path instead of usage text and exit code 2
+        raise ValueError(f"{message} (see --help)")
+
+
+def _bool(text):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def load_sources(args):
+    """Returns {split: (rows, ratings, source description, n_bad)} for train and test."""
+    if args.train_csv:
+        paths = {"train": args.train_csv, "test": args.test_csv}
+    elif args.source == "generate":
+        rows, ratings = generate(args.n_train + args.n_test, args.min_givens, args.max_givens, args.seed, args.workers)
+        source = f"generate(min_givens={args.min_givens}, max_givens={args.max_givens}, seed={args.seed})"
+        n = args.n_train
+        return {"train": (rows[:n], ratings[:n], source, 0), "test": (rows[n:], ratings[n:], source, 0)}
+    elif args.source == "hf":
+        paths = {}
+        for split in ("train", "test"):
+            url, dest = hf_url(f"{split}.csv"), os.path.join(args.cache_dir, f"{split}.csv")
+            try:
+                download(url, dest)
+            except OSError as e:
+                is_http = isinstance(e, urllib.error.HTTPError)
+                reason = f"HTTP {e.code} {e.reason}" if is_http else getattr(e, "reason", e)
+                raise OSError(f"could not download {url} ({reason}); offline? pass --source=DIR with train.csv "
+                              "and test.csv, or --train_csv=/--test_csv=") from e
+            paths[split] = dest
+    else:
+        if not os.path.isdir(args.source):
+            raise FileNotFoundError(f"--source={args.source}: no such folder (or use hf or generate)")
+        paths = {split: os.path.join(args.source, f"{split}.csv") for split in ("train", "test")}
+    sources = {}
+    for split, path in paths.items():
+        t0 = time.time()
+        rows, ratings, n_bad = load_csv(path, skip_bad=args.skip_bad)
+        dropped = f", dropped {n_bad} bad rows" if n_bad else ""
+        print(f"{path}: {len(rows)} puzzles in {time.time() - t0:.1f}s{dropped}")
+        source = hf_url(f"{split}.csv") if args.source == "hf" else os.path.abspath(path)
+        sources[split] = (rows, ratings, source, n_bad)
+    return sources
+
+
+def build(args):
+    """Every step from the sources to the train and test arrays; returns (splits, meta)."""
+    sources = load_sources(args)
+    (train, train_ratings, _, _), (test, test_ratings, _, _) = sources["train"], sources["test"]
+    keep = train_ratings >= args.min_rating
+    train, train_ratings = train[keep], train_ratings[keep]
+    keep = test_ratings >= args.min_rating
+    test, test_ratings = test[keep], test_ratings[keep]
+    keep = _subset(len(test), args.test_size, [args.seed, 1])
+    test, test_ratings = test[keep], test_ratings[keep]
+    # a train puzzle that is also a test puzzle would leak its answer: compare questions byte for byte
+    leaked = np.isin(_question_keys(train), _question_keys(test))
+    if leaked.any():
+        print(f"removed {leaked.sum()} train puzzles that are also in test")
+    train, train_ratings = train[~leaked], train_ratings[~leaked]
+    keep = _subset(len(train), args.subsample_size, [args.seed, 0])
+    train, train_ratings = train[keep], train_ratings[keep]
+    for split, rows in (("train", train), ("test", test)):
+        if len(rows) == 0:
+            raise ValueError(f"no {split} puzzles left (after --min_rating={args.min_rating}?)")
+    n_originals = len(train)
+    if args.num_aug > 0:
+        train = np.concatenate([train] + _augmented_copies(train, args.num_aug, args.seed))
+        train_ratings = np.tile(train_ratings, args.num_aug + 1)  # a symmetry keeps a puzzle's logic and rating
+
+    splits = {"train": (train, train_ratings), "test": (test, test_ratings)}
+    meta = {"format": FORMAT}
+    for split, (rows, ratings) in splits.items():
+        meta[split] = {"count": len(rows), "rating_hist": _rating_hist(ratings), "givens_hist": _givens_hist(rows),
+                       "source": sources[split][2], "n_bad": sources[split][3]}
+    meta["train"]["count_before_augmentation"] = n_originals
+    meta["n_train_test_duplicates_removed"] = int(leaked.sum())
+    meta["options"] = vars(args)
+    return splits, meta
+
+
+def _subset(n, size, seed):
+    """Sorted indices of a random subset of range(n) of the given size (size 0 or -1: everything)."""
+    if size <= 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _question_keys(rows):
+    # each row's 81 question bytes as one opaque value, so numpy can compare whole puzzles
+    return np.ascontiguousarray(rows[:, :81]).view(np.dtype((np.void, 81))).ravel()
+
+
+def _augmented_copies(rows, num_aug, seed):
+    """num_aug blocks, each holding a random symmetric variant of every row, via the same augment()
+    that train.py applies on the fly."""
+    generator = torch.Generator().manual_seed(seed)
+    puzzles, solutions = torch.from_numpy(rows[:, :81]), torch.from_numpy(rows[:, 81:])
+    copies = []
+    for _ in range(num_aug):
+        p, s = augment(puzzles, solutions, generator)
+        copies.append(torch.cat([p, s], dim=1).numpy())
+    return copies
+
+
+def _rating_hist(ratings):
+    values, counts = np.unique(ratings, return_counts=True)
+    if len(values) > 200:  # too many distinct ratings to list: use the shared bins
+        counts = np.bincount(bin_index(ratings), minlength=len(RATING_BINS))
+        return {name: int(c) for (_, _, name), c in zip(RATING_BINS, counts)}
+    return {str(v): int(c) for v, c in zip(values, counts)}
+
+
+def _givens_hist(rows):
+    values, counts = np.unique(np.count_nonzero(rows[:, :81], axis=1), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_dataset(out_dir, splits, meta):
+    """Write everything into a fresh folder next to out_dir and swap it in only once it is complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        for split, (rows, ratings) in splits.items():
+            np.ascontiguousarray(rows, dtype=np.uint8).tofile(tmp / f"{split}.bin")
+            np.minimum(ratings, 65535).astype(np.uint16).tofile(tmp / f"{split}_rating.bin")
+            meta[split]["sha256"] = _sha256(tmp / f"{split}.bin")
+            meta[split]["rating_sha256"] = _sha256(tmp / f"{split}_rating.bin")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+            try:
+                os.rename(tmp, out_dir)
+            except OSError:
+                os.rename(old, out_dir)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
+
+
+def show(data_dir, n_show, seed):
+    """Counts, histograms and a few puzzles of a prepared dataset, read from its memmaps and meta.json."""
+    meta = read_meta(data_dir)
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        rows, ratings = read_split(data_dir, split), read_ratings(data_dir, split)
+        if len(ratings) != len(rows):
+            raise ValueError(f"{data_dir}: {split}_rating.bin has {len(ratings)} entries for {len(rows)} rows")
+        givens = np.concatenate([np.count_nonzero(rows[i:i + CHUNK_ROWS, :81], axis=1)
+                                 for i in range(0, len(rows), CHUNK_ROWS)] or [np.zeros(0, dtype=np.int64)])
+        bins = np.bincount(bin_index(ratings), minlength=len(RATING_BINS))
+        values, counts = np.unique(givens, return_counts=True)
+        print(f"{split}: {len(rows)} puzzles from {meta.get(split, {}).get('source', '?')}")
+        print("  rating  " + "  ".join(f"{name}: {c}" for (_, _, name), c in zip(RATING_BINS, bins)))
+        print("  givens  " + "  ".join(f"{v}: {c}" for v, c in zip(values, counts)))
+        for i in np.sort(rng.choice(len(rows), size=min(n_show, len(rows)), replace=False)):
+            print(f"\n  {split} #{i}: rating {ratings[i]}, {givens[i]} givens")
+            grids = format_side_by_side([rows[i, :81], rows[i, 81:]], ["puzzle", "solution"])
+            print("\n".join("  " + line for line in grids.split("\n")))
+        print()
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.show:
+        show(args.show, args.show_n, args.seed)
+        return
+    t0 = time.time()
+    splits, meta = build(args)
+    write_dataset(args.out_dir, splits, meta)
+    counts = ", ".join(f"{split} {meta[split]['count']}" for split in splits)
+    print(f"wrote {args.out_dir}: {counts} puzzles ({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print("\nerror: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        message = " ".join(str(e).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
