@@ -16,7 +16,7 @@ class ConfigError(Exception):
 
 
 def check_type(key, value, default):
-    if default is None or value is None:
+    if default is None:  # no type to hold it to
         return value
     if isinstance(default, bool) or isinstance(value, bool):  # bool is an int subclass: keep them apart
         if isinstance(default, bool) and isinstance(value, bool):

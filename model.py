@@ -693,13 +693,14 @@ class HRM(nn.Module):
         # the carry never takes gradient into the next step: segments are trained one at a time
         z_H, z_L = z_H.detach(), z_L.detach()
         outputs = {'logits': logits}
+        if cfg.act == 'q':  # outside no_grad: the Q head trains through these
+            q_halt, q_continue = q_logits.unbind(-1)
+            outputs['q_halt_logits'], outputs['q_continue_logits'] = q_halt, q_continue
         with torch.no_grad():
             steps = steps + 1
             is_last = steps >= cfg.halt_max_steps
             halted = is_last
             if cfg.act == 'q':
-                q_halt, q_continue = q_logits.unbind(-1)
-                outputs['q_halt_logits'], outputs['q_continue_logits'] = q_halt, q_continue
                 # At eval every row runs halt_max_steps segments so a batch halts together.
                 if self.training and cfg.halt_max_steps > 1:
                     halted = halted | (q_halt > q_continue)

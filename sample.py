@@ -45,7 +45,10 @@ def read_puzzles():
     if file:
         if file != '-' and not os.path.isfile(file):
             fail(f"no such file: {file}")
-        lines = (sys.stdin if file == '-' else open(file)).read().splitlines()
+        try:
+            lines = (sys.stdin if file == '-' else open(file)).read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:  # unreadable or not text
+            fail(f"cannot read {file}: {e}")
         if lines and lines[0].replace(' ', '').startswith('source,question,answer'):
             items = []
             for number, row in enumerate(csv.DictReader(lines), start=2):
@@ -75,11 +78,11 @@ def load_model(device):
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
         model_config = HRMConfig(**{k: checkpoint['config'][k] for k in HRMConfig.__dataclass_fields__})
+        dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+        model = HRM(model_config, dtype=dtype)
+        model.load_state_dict(checkpoint['model'])
     except Exception as e:  # a truncated or foreign file
         fail(f"cannot read checkpoint {path}: {e}")
-    dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
-    model = HRM(model_config, dtype=dtype)
-    model.load_state_dict(checkpoint['model'])
     if checkpoint.get('ema') is not None:  # evaluate with the weights train.py evaluated with
         with torch.no_grad():
             for p, e in zip(model.parameters(), checkpoint['ema']):
@@ -94,6 +97,8 @@ def main():
         configure(globals(), args)
     except ConfigError as e:
         fail(str(e))
+    if batch_size < 1 or segments < 0:
+        fail(f"need batch_size >= 1 and segments >= 0, got {batch_size} and {segments}")
     items = read_puzzles()
     if not items:
         fail("no puzzles given")
@@ -102,7 +107,11 @@ def main():
         if conflicts:
             where = f"puzzle {i + 1}: " if len(items) > 1 else ''
             fail(f"{where}the givens already conflict ({'; '.join(conflicts)})")
-    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)
+    try:  # an unknown or unavailable device fails here in one line
+        dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"device={device!r} is not usable: {e}")
 
     t0 = time.perf_counter()
     model = load_model(dev)

@@ -104,6 +104,10 @@ if ddp:
 else:
     rank, local_rank, world_size = 0, 0, 1
 master_process = rank == 0
+try:  # an unknown or unavailable device fails here in one line, not deep inside model creation
+    torch.empty(0, device=device)
+except (RuntimeError, AssertionError) as e:
+    fail(f"device={device!r} is not usable: {e}")
 device_type = 'cuda' if device.startswith('cuda') else device
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
@@ -128,7 +132,9 @@ if not os.path.exists(os.path.join(data_dir, 'train.bin')) and not eval_only:
         fail(f"no dataset in {data_dir}: make it with  python prepare_sudoku.py --out_dir={data_dir}  "
              f"(add --source=DIR for local Sudoku-Extreme CSVs, or --source=generate to work offline)")
     if master_process:
-        command = [sys.executable, 'prepare_sudoku.py', *prepare_args.split(), f'--out_dir={data_dir}']
+        # next to this file, so a run started from another directory (e.g. for wandb's files) finds it
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare_sudoku.py')
+        command = [sys.executable, script, *prepare_args.split(), f'--out_dir={data_dir}']
         print('data missing, generating it:', ' '.join(command[1:]))
         if subprocess.run(command).returncode != 0:
             fail(f"dataset generation failed: {' '.join(command[1:])}", code=1)
@@ -460,7 +466,7 @@ while step < max_steps:
         if not math.isfinite(values['loss']):
             if master_process:
                 print(f"error: loss is {values['loss']} at step {step}; stopping. The last good checkpoint "
-                      f"({ckpt_path}) is untouched; try a lower lr or dtype=float32.", file=sys.stderr)
+                      f"({ckpt_path}) is untouched; try a lower lr{'' if dtype == 'float32' else ' or dtype=float32'}.", file=sys.stderr)
             exit_code = 1
             break
         record = {'step': step, 'epoch': step / steps_per_epoch, 'lr': get_lr(step - 1, lr),

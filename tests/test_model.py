@@ -202,6 +202,8 @@ def test_loss_terms_and_metrics():
     torch.testing.assert_close(loss, lm + 0.5 * (qh + qc))
     assert metrics['count'].item() == 2
     assert metrics['steps'].item() == 2  # two halted rows after one segment each
+    loss.backward()  # every parameter, the Q head included, gets a gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_fixed_segments_mode_has_no_q_head():
