@@ -820,3 +820,12 @@ def flops_per_step(config, batch_size, training=True):
     backward = 2 * (forward if config.grad_mode == 'full' else L_pass + H_pass + 2 * D * config.vocab_size)
     q_target = forward if (config.act == 'q' and config.q_target and config.halt_max_steps > 1) else 0
     return (forward + backward + q_target) * S * batch_size
+
+
+# dense bf16 tensor-core peak, TFLOP/s; the first name contained in the device name wins
+PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('A100', 312.0)]
+
+
+def peak_tflops(device_name):
+    """Peak dense bf16 TFLOP/s of a GPU by name (torch.cuda.get_device_name()), None if unknown."""
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in device_name), None)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_sudoku as sudoku
 from configurator import ConfigError, configure
-from model import HRM, HRMConfig, flops_per_step
+from model import HRM, HRMConfig, flops_per_step, peak_tflops
 from optim import AdamATan2, SignSGD
 
 # -----------------------------------------------------------------------------
@@ -207,7 +207,8 @@ if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
 raw_model = model
 network_params = [p for n, p in model.named_parameters() if n != 'puzzle_emb']
-optimizer = AdamATan2(network_params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+# foreach (multi-tensor) kernels pay off on CUDA; on CPU the per-tensor loop is faster (bench.py)
+optimizer = AdamATan2(network_params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, foreach=device_type == 'cuda')
 emb_optimizer = SignSGD([model.puzzle_emb], lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)
 ema_params = [p.detach().float().clone() for p in model.parameters()] if ema > 0 else None
 
@@ -417,7 +418,7 @@ if master_process:
 
 loss_scale = world_size / global_batch_size  # DDP averages over processes: the update is the global-batch mean
 flops = flops_per_step(model_config, global_batch_size)
-peak_flops = {torch.bfloat16: 989e12, torch.float16: 989e12}.get(ptdtype, 67e12)  # H100 SXM dense
+peak = peak_tflops(torch.cuda.get_device_name(device)) if device_type == 'cuda' and ptdtype != torch.float32 else None
 window = {}  # metric sums since the last log line, on device
 t_log, step_log = time.time(), step
 exit_code, target_reached = 0, False
@@ -480,8 +481,8 @@ while step < max_steps:
             record['q_halt_acc'] = values['q_halt_acc'] / count
         if 'q_continue_loss' in values:
             record['q_continue_loss'] = values['q_continue_loss'] / global_batch_size / window_steps
-        if device_type == 'cuda':
-            record['mfu'] = flops / dt / peak_flops / world_size
+        if peak:  # model FLOPs utilisation against the GPU's dense bf16 peak
+            record['mfu'] = flops / dt / (peak * 1e12) / world_size
         if master_process:
             extra = f" | mfu {record['mfu']:.1%}" if 'mfu' in record else ''
             print(f"step {step}/{max_steps} | loss {record['loss']:.4f} | train exact {record['train_exact_acc']:.1%} "
