@@ -51,6 +51,7 @@ FORMAT = ("train.bin/test.bin: uint8 array (N, 162), row-major, no header; colum
 
 # difficulty bins shared with train.py's eval, so accuracy per bin means the same thing everywhere
 RATING_BINS = [(0, 0, "0"), (1, 2, "1-2"), (3, 9, "3-9"), (10, 29, "10-29"), (30, None, "30+")]
+GIVENS_BINS = [(17, 21, "17-21"), (22, 25, "22-25"), (26, 29, "26-29"), (30, 34, "30-34"), (35, 40, "35-40"), (41, None, "41+")]
 
 # -----------------------------------------------------------------------------
 # text <-> grid
@@ -394,12 +395,13 @@ def augment(puzzles, solutions, generator=None):
 # difficulty bins over ratings (see RATING_BINS)
 
 
-def bin_index(ratings):
-    """Index into RATING_BINS for each rating; takes a numpy array or a torch tensor and returns the same kind."""
-    starts = [low for low, _, _ in RATING_BINS]
-    if isinstance(ratings, torch.Tensor):
-        return torch.searchsorted(torch.tensor(starts, device=ratings.device), ratings.long(), right=True) - 1
-    return np.searchsorted(starts, np.asarray(ratings, dtype=np.int64), side="right") - 1
+def bin_index(values, bins=RATING_BINS):
+    """Index into bins (contiguous (lo, hi, name) ranges, ascending) for each value, -1 below the first;
+    takes a numpy array or a torch tensor and returns the same kind."""
+    starts = [low for low, _, _ in bins]
+    if isinstance(values, torch.Tensor):
+        return torch.searchsorted(torch.tensor(starts, device=values.device), values.long(), right=True) - 1
+    return np.searchsorted(starts, np.asarray(values, dtype=np.int64), side="right") - 1
 
 
 def rating_bin_names(ratings):

@@ -77,6 +77,9 @@ globals().update({f.name: f.default for f in fields(HRMConfig)})
 # -----------------------------------------------------------------------------
 
 
+t_start = time.time()  # wall time counts from here: dataset generation and start-up are part of time-to-accuracy
+
+
 def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -257,24 +260,13 @@ def ema_weights():
     if ema_params is None:
         yield
         return
-    params = list(raw_model.parameters())
-    backup = [p.detach().clone() for p in params]
+    params = [p.detach() for p in raw_model.parameters()]  # detached views: copied into in place
+    backup = [p.clone() for p in params]
     torch._foreach_copy_(params, ema_params)
     try:
         yield
     finally:
         torch._foreach_copy_(params, backup)
-
-
-def bin_of(values, bins):
-    """Index of the (lo, hi, name) bin holding each value; hi None = open ended."""
-    index = np.full(len(values), -1)
-    for i, (lo, hi, _) in enumerate(bins):
-        index[(values >= lo) & ((values <= hi) if hi is not None else True)] = i
-    return index
-
-
-GIVENS_BINS = [(17, 21, '17-21'), (22, 25, '22-25'), (26, 29, '26-29'), (30, 34, '30-34'), (35, 40, '35-40'), (41, None, '41+')]
 
 
 @torch.no_grad()
@@ -284,7 +276,7 @@ def evaluate(max_puzzles, failures_path=None):
     raw_model.eval()
     n = len(test_rows) if not max_puzzles else min(max_puzzles, len(test_rows))
     mine = np.arange(rank, n, world_size)
-    bins = [(sudoku.RATING_BINS, 'rating'), (GIVENS_BINS, 'givens')]
+    bins = [(sudoku.RATING_BINS, 'rating'), (sudoku.GIVENS_BINS, 'givens')]
     # sums: exact, cells right, segments, q right, then (count, exact) per bin
     sums = torch.zeros(4 + 2 * sum(len(b) for b, _ in bins), dtype=torch.float64)
     failures = []
@@ -302,7 +294,7 @@ def evaluate(max_puzzles, failures_path=None):
         offset = 4
         keys = {'rating': np.asarray(test_ratings[idx]).astype(np.int64), 'givens': (rows[:, :81] > 0).sum(-1).cpu().numpy()}
         for bin_list, key in bins:
-            which = bin_of(keys[key], bin_list)
+            which = sudoku.bin_index(keys[key], bin_list)
             for i in range(len(bin_list)):
                 sums[offset + 2 * i] += (which == i).sum()
                 sums[offset + 2 * i + 1] += exact_np[which == i].sum()
@@ -377,7 +369,6 @@ def log_record(record):
         wandb.log({k: v[0] if isinstance(v, tuple) else v for k, v in record.items() if v is not None}, step=record['step'])
 
 
-t_start = time.time()
 if eval_only:
     if master_process:
         print(f"evaluating {ckpt_path} on {eval_max_puzzles if 'eval_max_puzzles' in cli_keys and eval_max_puzzles else len(test_rows)} test puzzles")
@@ -444,7 +435,9 @@ while step < max_steps:
     optimizer.zero_grad(set_to_none=True)
     emb_optimizer.zero_grad(set_to_none=True)
     if ema_params is not None:
-        torch._foreach_lerp_(ema_params, [p.detach().float() for p in raw_model.parameters()], 1 - ema)
+        # the decay ramps up from 0 (as in TF's ExponentialMovingAverage) so early evals are not the init
+        decay = min(ema, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema_params, [p.detach().float() for p in raw_model.parameters()], 1 - decay)
     step += 1
 
     last = step == max_steps
