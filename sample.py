@@ -26,7 +26,7 @@ from model import HRM, HRMConfig
 out_dir = 'out-sudoku-cpu'   # where train.py wrote ckpt.pt
 puzzle = ''
 file = ''
-segments = 0                 # 0 = ACT: stop at the Q head's halt (at most halt_max_steps); N = run N segments
+segments = 0                 # 0 = ACT: stop at the Q head's halt (at most halt_max_steps; no Q head: train.py's eval_segments); N = run N
 trace = False                # print how the answer changes segment by segment
 json_output = False          # one JSON object per puzzle (also accepted as --json)
 batch_size = 256
@@ -87,7 +87,9 @@ def load_model(device):
         with torch.no_grad():
             for p, e in zip(model.parameters(), checkpoint['ema']):
                 p.copy_(e)
-    return model.to(device).eval()
+    # without a Q head there is no halting: run as many segments as train.py's eval did
+    default_segments = 0 if model_config.act == 'q' else checkpoint['config'].get('eval_segments', 0)
+    return model.to(device).eval(), default_segments
 
 
 def main():
@@ -114,7 +116,7 @@ def main():
         fail(f"device={device!r} is not usable: {e}")
 
     t0 = time.perf_counter()
-    model = load_model(dev)
+    model, default_segments = load_model(dev)
     t_load = time.perf_counter() - t0
     puzzles = torch.from_numpy(np.stack([c for c, _ in items]))
     answers = [a for _, a in items]
@@ -122,7 +124,8 @@ def main():
     results = []
     for start in range(0, len(items), batch_size):
         inputs = puzzles[start:start + batch_size].to(dev).long() + 1
-        preds, steps, _, history = model.solve(inputs, segments=segments or None, halt=segments == 0, trace=trace)
+        n = segments or default_segments or None  # None: up to halt_max_steps
+        preds, steps, _, history = model.solve(inputs, segments=n, halt=segments == 0, trace=trace)
         preds = (preds - 1).clamp(min=0).cpu()
         valid, consistent = sudoku.check_grids(puzzles[start:start + batch_size], preds)
         results += [(preds[j], int(steps[j]), bool(valid[j]), bool(consistent[j]),

@@ -239,6 +239,22 @@ def test_ddp_paper_mode_matches_one_process(paper_run, data_dir, tmp_path):
 
 # 4. signals -------------------------------------------------------------------------------------------------
 
+def test_ema_follows_its_recursion_across_a_resume(data_dir, tmp_path):
+    """EMA weights (ema > 0) are saved, resumed, and updated as ema <- ema + (1 - d) (param - ema) with the
+    decay d = min(ema, (1 + t) / (10 + t)) at update t (0-based), checked from two checkpoints."""
+    ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=6', '--ema=0.9'))
+    before = load(tmp_path)
+    ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=7', '--ema=0.9', '--init_from=resume'))
+    after = load(tmp_path)
+    decay = min(0.9, (1 + 6) / (10 + 6))
+    names = [n for n in after['model'] if n not in ('H_init', 'L_init')]  # parameters, in model.parameters() order
+    assert len(names) == len(after['ema'])
+    for name, old, new in zip(names, before['ema'], after['ema']):
+        expected = old.double() + (1 - decay) * (after['model'][name].double() - old.double())
+        torch.testing.assert_close(new.double(), expected, rtol=1e-6, atol=1e-7, msg=name)
+        assert not torch.equal(new, after['model'][name]), name  # a real average, not a copy
+
+
 def start_and_signal(args, sig, timeout=120):
     """Start train.py, wait for its first 'step' log line, send `sig`, return (exit code, stdout, stderr, that line)."""
     proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)], cwd=ROOT, env=run_env(),
