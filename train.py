@@ -87,7 +87,7 @@ def fail(message, code=2):
 
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 try:
-    cli_keys = configure(globals(), sys.argv[1:])
+    configure(globals(), sys.argv[1:])
 except ConfigError as e:
     fail(str(e))
 config = {k: globals()[k] for k in config_keys}
@@ -217,6 +217,8 @@ ema_params = [p.detach().float().clone() for p in model.parameters()] if ema > 0
 
 step, best_exact, elapsed_before, puzzles_seen = 0, 0.0, 0.0, 0
 carries = [model.initial_carry(micro_batch, device) for _ in range(gradient_accumulation_steps)]
+if checkpoint is not None and checkpoint.get('ema') is not None and (ema > 0 or eval_only):
+    ema_params = [t.to(device) for t in checkpoint['ema']]  # eval_only scores what the run's evals scored
 if checkpoint is not None and not eval_only:
     optimizer.load_state_dict(checkpoint['optimizer'])
     emb_optimizer.load_state_dict(checkpoint['emb_optimizer'])
@@ -226,8 +228,6 @@ if checkpoint is not None and not eval_only:
     order, cursor = checkpoint['order'], checkpoint['cursor']
     device_rng.set_state(checkpoint['device_rng'].cpu())
     torch.set_rng_state(checkpoint['cpu_rng'])
-    if ema_params is not None and checkpoint.get('ema') is not None:
-        ema_params = [t.to(device) for t in checkpoint['ema']]
     saved = checkpoint['carry']  # the global carry; slice out this process's rows
     if saved.z_H.shape[0] != global_batch_size:
         fail(f"the checkpoint's batch is {saved.z_H.shape[0]} puzzles, this run's global_batch_size is {global_batch_size}")
@@ -370,10 +370,12 @@ def log_record(record):
 
 
 if eval_only:
+    # the full test split unless the command line itself caps it (config files cap in-training evals)
+    cap = eval_max_puzzles if any(a.startswith('--eval_max_puzzles=') for a in sys.argv[1:]) else 0
     if master_process:
-        print(f"evaluating {ckpt_path} on {eval_max_puzzles if 'eval_max_puzzles' in cli_keys and eval_max_puzzles else len(test_rows)} test puzzles")
+        print(f"evaluating {ckpt_path} on {min(cap, len(test_rows)) if cap else len(test_rows)} test puzzles")
     with ema_weights():
-        result = evaluate(eval_max_puzzles if 'eval_max_puzzles' in cli_keys else 0, os.path.join(out_dir, 'eval_failures.csv'))
+        result = evaluate(cap, os.path.join(out_dir, 'eval_failures.csv'))
     if master_process:
         print_breakdown(result)
     if ddp:

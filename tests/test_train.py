@@ -106,7 +106,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def fixed_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('fixed')
-    result = ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={out}', f'--max_iters={FIXED_STEPS}'))
+    # with EMA weights: evals, eval_only and the checkpoint's 'ema' must all use them
+    result = ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={out}', f'--max_iters={FIXED_STEPS}', '--ema=0.9'))
     return out, result
 
 
