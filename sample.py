@@ -9,7 +9,6 @@ halt_max_steps), --trace, --json, --batch_size, --device. Puzzles: 81 cells, '.'
 spaces, newlines and grid drawing (| - +) are ignored.
 """
 
-import csv
 import json
 import os
 import sys
@@ -49,14 +48,12 @@ def read_puzzles():
             lines = (sys.stdin if file == '-' else open(file)).read().splitlines()
         except (OSError, UnicodeDecodeError) as e:  # unreadable or not text
             fail(f"cannot read {file}: {e}")
-        if lines and lines[0].replace(' ', '').startswith('source,question,answer'):
-            items = []
-            for number, row in enumerate(csv.DictReader(lines), start=2):
-                try:
-                    items.append((sudoku.parse_grid(row['question']), sudoku.parse_grid(row['answer'])))
-                except (ValueError, TypeError) as e:
-                    fail(f"{file}:{number}: {e}")
-            return items
+        if file != '-' and lines and lines[0].replace(' ', '').startswith('source,question,answer'):
+            try:  # a dataset CSV: the same loader and row checks as prepare_sudoku.py
+                rows = sudoku.load_csv(file)[0]
+            except (ValueError, OSError) as e:
+                fail(str(e))
+            return [(row[:81], row[81:]) for row in rows]
         items = []
         for number, line in enumerate(lines, start=1):
             if line.strip():
