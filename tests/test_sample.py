@@ -94,16 +94,6 @@ STATUS = re.compile(r'valid sudoku: (yes|NO) \| keeps every given: (yes|NO) \| s
 
 # fixtures ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / 'sudoku-tiny'  # shared with test_train.py in one session
-    if not (path / 'test_rating.bin').exists():
-        ok(subprocess.run([sys.executable, 'prepare_sudoku.py', '--source=generate', '--n_train=256', '--n_test=64',
-                           '--min_givens=30', '--max_givens=40', '--subsample_size=0', '--workers=1', f'--out_dir={path}'],
-                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300))
-    return path
-
-
 @pytest.fixture(scope='module')
 def checkpoint(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('sample-ckpt')

@@ -93,16 +93,6 @@ def assert_close_params(a, b, rtol=1e-4, atol=1e-5):
 
 # fixtures: the dataset, one run per mode ---------------------------------------------------------------
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / 'sudoku-tiny'  # shared with test_sample.py in one session
-    if not (path / 'test_rating.bin').exists():
-        ok(subprocess.run([sys.executable, 'prepare_sudoku.py', '--source=generate', '--n_train=256', '--n_test=64',
-                           '--min_givens=30', '--max_givens=40', '--subsample_size=0', '--workers=1', f'--out_dir={path}'],
-                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300))
-    return path
-
-
 @pytest.fixture(scope='module')
 def fixed_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('fixed')
