@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prepare_sudoku import PEERS
+
 try:
     import triton
     import triton.language as tl
@@ -120,15 +122,15 @@ def apply_rotary(x, cos, sin):
 
 
 def sudoku_attention_mask(puzzle_emb_len=1):
-    """(S, S) bool, True = query may attend key. Cells see their row, column and box peers and
-    themselves; the puzzle-embedding prefix sees and is seen by every position."""
-    idx = torch.arange(81)
-    row, col = idx // 9, idx % 9
-    box = (row // 3) * 3 + col // 3
-    peers = (row[:, None] == row[None]) | (col[:, None] == col[None]) | (box[:, None] == box[None])
+    """(S, S) bool, True = query may attend key. Cells see their row, column and box peers
+    (prepare_sudoku.PEERS, where the board geometry lives) and themselves; the puzzle-embedding
+    prefix sees and is seen by every position."""
     S = 81 + puzzle_emb_len
     mask = torch.ones(S, S, dtype=torch.bool)
-    mask[puzzle_emb_len:, puzzle_emb_len:] = peers
+    cells = torch.eye(81, dtype=torch.bool)
+    for cell, peers in enumerate(PEERS):
+        cells[cell, list(peers)] = True
+    mask[puzzle_emb_len:, puzzle_emb_len:] = cells
     return mask
 
 

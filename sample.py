@@ -90,7 +90,6 @@ def load_model(device):
 
 
 def main():
-    global json_output
     args = ['--json_output=True' if a == '--json' else '--trace=True' if a == '--trace' else a for a in sys.argv[1:]]
     try:
         configure(globals(), args)

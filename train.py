@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
