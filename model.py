@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare_sudoku import PEERS
+import prepare_sudoku as sudoku
 
 try:
     import triton
@@ -128,7 +128,7 @@ def sudoku_attention_mask(puzzle_emb_len=1):
     S = 81 + puzzle_emb_len
     mask = torch.ones(S, S, dtype=torch.bool)
     cells = torch.eye(81, dtype=torch.bool)
-    for cell, peers in enumerate(PEERS):
+    for cell, peers in enumerate(sudoku.PEERS):
         cells[cell, list(peers)] = True
     mask[puzzle_emb_len:, puzzle_emb_len:] = cells
     return mask
@@ -138,7 +138,8 @@ def sudoku_attention_mask(puzzle_emb_len=1):
 # attention: the math in PyTorch (reference and SDPA fallback), then fused as Triton kernels (forward
 # and backward) wrapped in a torch custom op. Layout everywhere is (B, S, H, D), as flash_attn_func,
 # non-causal, softmax scale 1/sqrt(D), optional boolean (S, S) mask shared by all batches and heads
-# (True = may attend).
+# (True = may attend). The model only ever uses no mask or the Sudoku one, and the kernels know just those:
+# they compute the Sudoku mask from positions instead of loading it.
 
 def attention_reference(q, k, v, mask=None):
     """The math the kernel fuses, in plain PyTorch. q, k, v: (B, S, H, D); mask: (S, S) bool, True = may attend."""
@@ -157,59 +158,115 @@ def sdpa_attention(q, k, v, mask=None):
     return y.transpose(1, 2)  # (B, S, H, D)
 
 
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_attention_problem(head_dim, dtype, device):
+    """Why the Triton kernels cannot run attention of this head_dim and dtype on `device`, or None if they can.
+    HRM.uses_triton routes to SDPA on any reason (attn_impl='auto') or raises it (attn_impl='triton')."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if head_dim not in (16, 32, 64, 128):
+        # tl.dot tiles need power-of-two edges >= 16; up to 128 they compile without spills on sm_80..sm_90
+        # (python tests/test_kernel_aot.py --all-head-dims)
+        return f"head_dim {head_dim} is not one of 16, 32, 64, 128"
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {dtype} is not bfloat16, float16 or float32"
+    if device.type == "cuda" and dtype == torch.float32:
+        # fp32 tiles double shared memory and registers: compiled ahead of time at head_dim 64, the forward needed
+        # 112 KiB (an sm_86/89 block gets 99 KiB) and every kernel spilled 10-31 KB per thread on every arch
+        return "float32 on CUDA (the kernels are built for bfloat16/float16 there; use attn_impl='sdpa')"
+    if device.type == "cpu" and not _interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (the interpreter, for tests)"
+    if device.type not in ("cuda", "cpu"):
+        return f"no Triton backend for {device.type}"
+    return None
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-        # fp32 accumulation always. DOT_IN_FP32 is only set under the Triton interpreter with bf16 inputs: it
-        # stores bf16 as raw uint16 and its tl.dot multiplies the bit patterns (triton-lang/triton#11584).
-        # Upcasting first is an exact stand-in, since a product of two bf16 values is exact in fp32.
+    def _dot(a, b, DOT_IN_FP32: tl.constexpr):
+        # fp32 accumulation always. fp32 inputs only reach the kernels under the interpreter (CUDA routes fp32 to
+        # SDPA), whose tl.dot multiplies in full fp32 whatever input_precision says. DOT_IN_FP32 is only set
+        # under the interpreter with bf16 inputs: it stores bf16 as raw uint16 and its tl.dot multiplies the bit
+        # patterns (triton-lang/triton#11584). Upcasting first is an exact stand-in, since a product of two bf16
+        # values is exact in fp32.
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
+        return tl.dot(a, b)
 
     @triton.jit
-    def _allowed(MASK, rows, cols, S, stride_mask_rows, stride_mask_cols, HAS_MASK: tl.constexpr):
-        # (len(rows), len(cols)) block of which scores count: inside the sequence (the ragged tail of the last
-        # block is padding) and, with a mask, allowed by it. The bounds test is symmetric, so the backward gets
-        # the transposed block by swapping rows/cols and the two strides.
-        ok = (rows[:, None] < S) & (cols[None, :] < S)
-        if HAS_MASK:
-            allowed = tl.load(MASK + rows[:, None] * stride_mask_rows + cols[None, :] * stride_mask_cols,
-                              mask=ok, other=0)
-            ok = ok & (allowed != 0)
+    def _program(S, BLOCK: tl.constexpr):
+        # The grid is 1D, B*H*cdiv(S, BLOCK) programs with the block index varying fastest, so the programs of one
+        # (batch, head) run side by side and the k and v (or q and do) they all read come from L2, not each from
+        # DRAM (CUDA also caps grid axes 1 and 2 at 65535). Returns the (batch, head) index and this block's rows.
+        n_blocks = tl.cdiv(S, BLOCK)
+        pid = tl.program_id(0)
+        return pid // n_blocks, (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+
+    @triton.jit
+    def _head_start(pid_bh, H, stride_b, stride_h):
+        # offset of one (batch, head) slice; int64, since a fused qkv of a large batch passes 2**31 elements
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        return b * stride_b + h * stride_h
+
+    @triton.jit
+    def _load_tile(ptr, rows, stride_s, S, HEAD_DIM: tl.constexpr):
+        # (len(rows), HEAD_DIM) rows of one head, head_dim at stride 1; rows past the sequence read as zeros
+        offs_d = tl.arange(0, HEAD_DIM)
+        return tl.load(ptr + rows[:, None] * stride_s + offs_d[None, :], mask=(rows < S)[:, None], other=0.0)
+
+    @triton.jit
+    def _store_tile(ptr, rows, stride_s, S, tile, HEAD_DIM: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM)
+        tl.store(ptr + rows[:, None] * stride_s + offs_d[None, :], tile.to(ptr.dtype.element_ty), mask=(rows < S)[:, None])
+
+    @triton.jit
+    def _delta(O, DO, rows, stride_os, do, S, HEAD_DIM: tl.constexpr):
+        # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the term softmax's backward subtracts from every dP_ij,
+        # for the rows at hand: computed where it is used from the o tile, in fp32 (bf16 products are exact)
+        o = _load_tile(O, rows, stride_os, S, HEAD_DIM)
+        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+    @triton.jit
+    def _allowed(rows, cols, S, prefix_len, SUDOKU_MASK: tl.constexpr):
+        # (len(rows), len(cols)) block of which scores count: both positions inside the sequence (the ragged tail
+        # of the last block is padding) and, with the Sudoku mask, what sudoku_attention_mask(prefix_len) allows,
+        # computed from the positions rather than loaded: the prefix_len puzzle-embedding positions see and are
+        # seen by all, a cell sees the cells of its grid row, column and 3x3 box (itself included). Symmetric, so
+        # the backward gets the transposed block by swapping rows and cols.
+        ok = (rows < S)[:, None] & (cols < S)[None, :]
+        if SUDOKU_MASK:
+            a = rows - prefix_len  # cell index, row-major over the 9x9 grid; negative for the prefix
+            b = cols - prefix_len
+            same_row = (a // 9)[:, None] == (b // 9)[None, :]
+            same_col = (a % 9)[:, None] == (b % 9)[None, :]
+            same_box = ((a // 27) * 3 + (a % 9) // 3)[:, None] == ((b // 27) * 3 + (b % 9) // 3)[None, :]
+            ok = ok & (same_row | same_col | same_box | (a < 0)[:, None] | (b < 0)[None, :])
         return ok
 
     @triton.jit
     def _attention_fwd_kernel(
-        Q, K, V, O, LSE, MASK,
+        Q, K, V, O, LSE,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
         stride_ob, stride_os, stride_oh,
-        stride_mask_q, stride_mask_k,
-        H, S, qk_scale,
+        H, S, prefix_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        SUDOKU_MASK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ):
-        # batch*head on axis 0: CUDA caps grid axes 1 and 2 at 65535, and B*H is the axis that grows
-        pid_bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        # int64 offsets: a fused qkv of a large batch passes 2**31 elements
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        Q += b * stride_qb + h * stride_qh
-        K += b * stride_kb + h * stride_kh
-        V += b * stride_vb + h * stride_vh
-        O += b * stride_ob + h * stride_oh
+        pid_bh, rows = _program(S, BLOCK_M)
+        Q += _head_start(pid_bh, H, stride_qb, stride_qh)
+        K += _head_start(pid_bh, H, stride_kb, stride_kh)
+        V += _head_start(pid_bh, H, stride_vb, stride_vh)
+        O += _head_start(pid_bh, H, stride_ob, stride_oh)
         LSE += pid_bh.to(tl.int64) * S
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < S
-        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = _load_tile(Q, rows, stride_qs, S, HEAD_DIM)
 
         # online softmax in the exp2 domain (qk_scale carries log2(e)); m_i is the running row max,
         # l_i the running sum of exp2(score - m_i), acc the unnormalized output
@@ -217,179 +274,130 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start_n in range(0, S, BLOCK_N):
-            cols = start_n + offs_n
-            col_ok = cols < S
-            k = tl.load(K + cols[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_PRECISION, DOT_IN_FP32) * qk_scale  # (BLOCK_M, BLOCK_N)
-            qk = tl.where(_allowed(MASK, offs_m, cols, S, stride_mask_q, stride_mask_k, HAS_MASK), qk, float("-inf"))
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(K, cols, stride_ks, S, HEAD_DIM)
+            v = _load_tile(V, cols, stride_vs, S, HEAD_DIM)
+            qk = _dot(q, tl.trans(k), DOT_IN_FP32) * qk_scale  # (BLOCK_M, BLOCK_N)
+            qk = tl.where(_allowed(rows, cols, S, prefix_len, SUDOKU_MASK), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row that has no allowed key yet keeps m = -inf; shift it by 0 so exp2 gives 0 instead of nan
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(qk - m_shift[:, None])
             alpha = tl.exp2(m_i - m_shift)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_IN_FP32)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IN_FP32)
             m_i = m_new
 
-        # l_i == 0 only for padding rows and rows the mask leaves empty: output 0 and lse = +inf, which makes
-        # every probability the backward recomputes exp(-inf) = 0 for them instead of nan
+        # l_i == 0 only for padding rows (every real row allows at least itself): output 0 and lse = +inf, which
+        # makes every probability the backward recomputes exp(-inf) = 0 for them instead of nan
         has_key = l_i > 0
         l_safe = tl.where(has_key, l_i, 1.0)
-        acc = acc / l_safe[:, None]
         lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))  # natural log
-        tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(LSE + offs_m, lse, mask=row_ok)
-
-    @triton.jit
-    def _attention_bwd_delta_kernel(
-        O, DO, DELTA,
-        stride_ob, stride_os, stride_oh,
-        stride_dob, stride_dos, stride_doh,
-        H, S,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the term softmax's backward subtracts from every dP_ij
-        pid_bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        O += b * stride_ob + h * stride_oh
-        DO += b * stride_dob + h * stride_doh
-        DELTA += pid_bh.to(tl.int64) * S
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < S
-        o = tl.load(O + offs_m[:, None] * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + offs_m, delta, mask=row_ok)
+        _store_tile(O, rows, stride_os, S, acc / l_safe[:, None], HEAD_DIM)
+        tl.store(LSE + rows, lse, mask=rows < S)
 
     @triton.jit
     def _attention_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
+        Q, K, V, O, DO, LSE, DK, DV,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh,
         stride_dob, stride_dos, stride_doh,
         stride_gb, stride_gs, stride_gh,
-        stride_mask_q, stride_mask_k,
-        H, S, qk_scale, sm_scale,
+        H, S, prefix_len, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        SUDOKU_MASK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ):
         # one program owns a block of keys and loops over all queries, so dK and dV are written once, no atomics;
         # everything is computed transposed, (keys, queries), so the products land in (BLOCK_N, HEAD_DIM)
-        pid_bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        Q += b * stride_qb + h * stride_qh
-        K += b * stride_kb + h * stride_kh
-        V += b * stride_vb + h * stride_vh
-        DO += b * stride_dob + h * stride_doh
-        DK += b * stride_gb + h * stride_gh
-        DV += b * stride_gb + h * stride_gh
+        pid_bh, cols = _program(S, BLOCK_N)
+        Q += _head_start(pid_bh, H, stride_qb, stride_qh)
+        K += _head_start(pid_bh, H, stride_kb, stride_kh)
+        V += _head_start(pid_bh, H, stride_vb, stride_vh)
+        O += _head_start(pid_bh, H, stride_ob, stride_oh)
+        DO += _head_start(pid_bh, H, stride_dob, stride_doh)
+        DK += _head_start(pid_bh, H, stride_gb, stride_gh)
+        DV += _head_start(pid_bh, H, stride_gb, stride_gh)
         LSE += pid_bh.to(tl.int64) * S
-        DELTA += pid_bh.to(tl.int64) * S
-
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
-        col_ok = offs_n < S
-        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = _load_tile(K, cols, stride_ks, S, HEAD_DIM)
+        v = _load_tile(V, cols, stride_vs, S, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for start_m in range(0, S, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < S
-            q = tl.load(Q + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + rows[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # to the exp2 domain
-            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-            qkT = _dot(k, tl.trans(q), DOT_PRECISION, DOT_IN_FP32) * qk_scale  # (BLOCK_N, BLOCK_M)
-            allowedT = _allowed(MASK, offs_n, rows, S, stride_mask_k, stride_mask_q, HAS_MASK)
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q = _load_tile(Q, rows, stride_qs, S, HEAD_DIM)
+            do = _load_tile(DO, rows, stride_dos, S, HEAD_DIM)
+            delta = _delta(O, DO, rows, stride_os, do, S, HEAD_DIM)
+            lse2 = tl.load(LSE + rows, mask=rows < S, other=0.0) * 1.4426950408889634  # to the exp2 domain
+            qkT = _dot(k, tl.trans(q), DOT_IN_FP32) * qk_scale  # (BLOCK_N, BLOCK_M)
             # recompute the probabilities from the saved logsumexp; -inf first so masked scores never overflow
-            pT = tl.exp2(tl.where(allowedT, qkT, float("-inf")) - lse2[None, :])
-            dv += _dot(pT.to(do.dtype), do, DOT_PRECISION, DOT_IN_FP32)
-            dpT = _dot(v, tl.trans(do), DOT_PRECISION, DOT_IN_FP32)
+            pT = tl.exp2(tl.where(_allowed(cols, rows, S, prefix_len, SUDOKU_MASK), qkT, float("-inf")) - lse2[None, :])
+            dv += _dot(pT.to(do.dtype), do, DOT_IN_FP32)
+            dpT = _dot(v, tl.trans(do), DOT_IN_FP32)
             dsT = pT * (dpT - delta[None, :])
-            dk += _dot(dsT.to(q.dtype), q, DOT_PRECISION, DOT_IN_FP32)
-        dk *= sm_scale
-        tl.store(DK + offs_n[:, None] * stride_gs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(DV + offs_n[:, None] * stride_gs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+            dk += _dot(dsT.to(q.dtype), q, DOT_IN_FP32)
+        _store_tile(DK, cols, stride_gs, S, dk * sm_scale, HEAD_DIM)
+        _store_tile(DV, cols, stride_gs, S, dv, HEAD_DIM)
 
     @triton.jit
     def _attention_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, MASK,
+        Q, K, V, O, DO, LSE, DQ,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh,
         stride_dob, stride_dos, stride_doh,
         stride_gb, stride_gs, stride_gh,
-        stride_mask_q, stride_mask_k,
-        H, S, qk_scale, sm_scale,
+        H, S, prefix_len, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        SUDOKU_MASK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ):
         # one program owns a block of queries and loops over all keys: recomputing P here is cheaper at
         # S ~ 100 than accumulating dQ with atomics from the dK/dV kernel, and is deterministic
-        pid_bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        Q += b * stride_qb + h * stride_qh
-        K += b * stride_kb + h * stride_kh
-        V += b * stride_vb + h * stride_vh
-        DO += b * stride_dob + h * stride_doh
-        DQ += b * stride_gb + h * stride_gh
+        pid_bh, rows = _program(S, BLOCK_M)
+        Q += _head_start(pid_bh, H, stride_qb, stride_qh)
+        K += _head_start(pid_bh, H, stride_kb, stride_kh)
+        V += _head_start(pid_bh, H, stride_vb, stride_vh)
+        O += _head_start(pid_bh, H, stride_ob, stride_oh)
+        DO += _head_start(pid_bh, H, stride_dob, stride_doh)
+        DQ += _head_start(pid_bh, H, stride_gb, stride_gh)
         LSE += pid_bh.to(tl.int64) * S
-        DELTA += pid_bh.to(tl.int64) * S
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < S
-        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # to the exp2 domain
-        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        q = _load_tile(Q, rows, stride_qs, S, HEAD_DIM)
+        do = _load_tile(DO, rows, stride_dos, S, HEAD_DIM)
+        delta = _delta(O, DO, rows, stride_os, do, S, HEAD_DIM)
+        lse2 = tl.load(LSE + rows, mask=rows < S, other=0.0) * 1.4426950408889634  # to the exp2 domain
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start_n in range(0, S, BLOCK_N):
-            cols = start_n + offs_n
-            col_ok = cols < S
-            k = tl.load(K + cols[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_PRECISION, DOT_IN_FP32) * qk_scale  # (BLOCK_M, BLOCK_N)
-            allowed = _allowed(MASK, offs_m, cols, S, stride_mask_q, stride_mask_k, HAS_MASK)
-            p = tl.exp2(tl.where(allowed, qk, float("-inf")) - lse2[:, None])
-            dp = _dot(do, tl.trans(v), DOT_PRECISION, DOT_IN_FP32)
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(K, cols, stride_ks, S, HEAD_DIM)
+            v = _load_tile(V, cols, stride_vs, S, HEAD_DIM)
+            qk = _dot(q, tl.trans(k), DOT_IN_FP32) * qk_scale  # (BLOCK_M, BLOCK_N)
+            p = tl.exp2(tl.where(_allowed(rows, cols, S, prefix_len, SUDOKU_MASK), qk, float("-inf")) - lse2[:, None])
+            dp = _dot(do, tl.trans(v), DOT_IN_FP32)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, DOT_IN_FP32)
-        dq *= sm_scale
-        tl.store(DQ + offs_m[:, None] * stride_gs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_IN_FP32)
+        _store_tile(DQ, rows, stride_gs, S, dq * sm_scale, HEAD_DIM)
 
 
-def _launch_settings(q):
-    """Block sizes, warps and dot precision for a (B, S, H, D) input; all compile-time constants of the kernels."""
-    S, D = q.size(1), q.size(3)
-    row_bytes = D * q.element_size()
-    seq_block = max(16, triton.next_power_of_2(S))  # tl.dot needs every tile edge >= 16
+def _launch_settings(seq_len, head_dim, dtype):
+    """Block sizes, warps and stages for one shape and dtype: all compile-time constants of the kernels.
+    tests/test_kernel_aot.py compiles every config's kernels with these for sm_80..sm_90 and checks that they
+    fit the shared memory and do not spill (docs/benchmarks.md has the table)."""
+    seq_block = max(16, triton.next_power_of_2(seq_len))  # tl.dot needs every tile edge >= 16
+    # Sized by what compiles without spills (the AOT test): with 128 keys per forward step, or 64 queries per
+    # backward step, the kernels reached ptxas's 255 registers at head_dim 64 and spilled on sm_86/89.
     return dict(
-        # forward: 64 queries per program, and up to 128 keys per step so HRM's 82 tokens take one key block
-        # and the online-softmax rescale never runs; a k or v tile stays <= 32 KiB so two pipeline stages of
-        # both fit in shared memory (fp32 at head_dim 128 steps 64 keys at a time).
+        # forward: 64 queries per program, 64 keys per step
         fwd_block_m=min(64, seq_block),
-        fwd_block_n=min(128, seq_block, 32768 // row_bytes),
-        # backward: 64 x 64 (32 for fp32 at head_dim 128), since it holds k, v, dk, dv and two score tiles at once
-        bwd_block_m=min(64, seq_block, 16384 // row_bytes),
-        bwd_block_n=min(64, seq_block, 16384 // row_bytes),
-        num_warps=4 if D <= 64 else 8,
+        fwd_block_n=min(64, seq_block),
+        # backward: BLOCK_N = 64 keys per dK/dV program (it holds k, v, dk, dv and two score tiles at once),
+        # stepping BLOCK_M = 32 queries; BLOCK_M = 32 queries per dQ program, stepping 64 keys
+        bwd_block_m=min(32, seq_block),
+        bwd_block_n=min(64, seq_block),
+        num_warps=4 if head_dim <= 64 else 8,
         num_stages=2,
-        # fp32 inputs get full fp32 products (Triton's default is tf32 on tensor cores); bf16/fp16 ignore this
-        dot_precision="ieee" if q.dtype == torch.float32 else "tf32",
-        dot_in_fp32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        dot_in_fp32=dtype == torch.bfloat16 and _interpreting(),
     )
 
 
@@ -399,48 +407,55 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _mask_args(mask, q):
-    # bool is viewed as uint8 (same bytes, no copy): Triton loads bytes the same way on every backend
+def _mask_args(mask, S):
+    """The mask as the kernels take it, (SUDOKU_MASK, prefix_len): (False, 0) for no mask, else (True, P) for
+    the sudoku_attention_mask(P) it must equal (S = 81 + P). Any other mask is an error, not a silently different
+    one: the kernels compute the Sudoku pattern from positions and never read the tensor. The comparison runs
+    once per mask tensor (again after an in-place change), since on CUDA it waits for the GPU."""
     if mask is None:
-        return q, 0, 0, False  # q stands in for the pointer; HAS_MASK=False compiles every mask load away
-    return mask.view(torch.uint8), mask.stride(0), mask.stride(1), True
+        return False, 0
+    prefix_len = S - 81
+    version = 0 if mask.is_inference() else mask._version
+    if getattr(mask, "_nanohrm_sudoku_version", None) != version:
+        if prefix_len < 0 or not torch.equal(mask.cpu(), sudoku_attention_mask(prefix_len)):
+            raise ValueError("fused_attention takes no mask or sudoku_attention_mask(); use sdpa_attention for other masks")
+        mask._nanohrm_sudoku_version = version
+    return True, prefix_len
 
 
 def _check_can_launch(q):
-    if not HAS_TRITON:
-        raise RuntimeError("fused_attention needs triton; use sdpa_attention instead")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("fused_attention on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    problem = triton_attention_problem(q.size(-1), q.dtype, q.device)
+    if problem is not None:
+        raise RuntimeError(f"fused_attention: {problem}")
 
 
 # Registered with torch.library.custom_op rather than triton_op + wrap_triton: an opaque op behaves the same
 # under torch 2.11 and 2.13 and under the Triton interpreter, torch.compile traces it with fake tensors
 # (register_fake) without graph breaks, and Inductor has nothing to gain from seeing inside a kernel that
-# already fuses the whole attention.
+# already fuses the whole attention. Triton launches on the current CUDA device, so each launch is wrapped in
+# torch.cuda.device_of(q): with --device=cuda:1 that is not device 0 (a no-op for CPU tensors).
 @torch.library.custom_op("nanohrm::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns o (B, S, H, D) in q's dtype and the per-row logsumexp of the scaled scores, (B, H, S) fp32."""
     _check_can_launch(q)
     B, S, H, D = q.shape
+    sudoku_mask, prefix_len = _mask_args(mask, S)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     o = torch.empty((B, S, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
-    cfg = _launch_settings(q)
-    mask_ptr, stride_mask_q, stride_mask_k, has_mask = _mask_args(mask, q)
-    grid = (B * H, triton.cdiv(S, cfg["fwd_block_m"]))
-    _attention_fwd_kernel[grid](
-        q, k, v, o, lse, mask_ptr,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        stride_mask_q, stride_mask_k,
-        H, S, (1.0 / math.sqrt(D)) * 1.4426950408889634,
-        HEAD_DIM=D, BLOCK_M=cfg["fwd_block_m"], BLOCK_N=cfg["fwd_block_n"],
-        HAS_MASK=has_mask, DOT_PRECISION=cfg["dot_precision"], DOT_IN_FP32=cfg["dot_in_fp32"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    cfg = _launch_settings(S, D, q.dtype)
+    with torch.cuda.device_of(q):
+        _attention_fwd_kernel[(B * H * triton.cdiv(S, cfg["fwd_block_m"]),)](
+            q, k, v, o, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            H, S, prefix_len, (1.0 / math.sqrt(D)) * 1.4426950408889634,
+            HEAD_DIM=D, BLOCK_M=cfg["fwd_block_m"], BLOCK_N=cfg["fwd_block_n"], SUDOKU_MASK=sudoku_mask,
+            DOT_IN_FP32=cfg["dot_in_fp32"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return o, lse
 
 
@@ -456,35 +471,28 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """Returns dq, dk, dv, each (B, S, H, D) in q's dtype, given do = dLoss/do and the forward's o and lse."""
     _check_can_launch(q)
     B, S, H, D = q.shape
+    sudoku_mask, prefix_len = _mask_args(mask, S)
     do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
     dq, dk, dv = (torch.empty((B, S, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    delta = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
-    cfg = _launch_settings(q)
-    mask_ptr, stride_mask_q, stride_mask_k, has_mask = _mask_args(mask, q)
+    cfg = _launch_settings(S, D, q.dtype)
     sm_scale = 1.0 / math.sqrt(D)
-
-    _attention_bwd_delta_kernel[(B * H, triton.cdiv(S, cfg["bwd_block_m"]))](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        H, S, HEAD_DIM=D, BLOCK_M=cfg["bwd_block_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
     common = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),  # dq, dk and dv share one contiguous layout
-        stride_mask_q, stride_mask_k,
-        H, S, sm_scale * 1.4426950408889634, sm_scale,
+        H, S, prefix_len, sm_scale * 1.4426950408889634, sm_scale,
     )
-    constants = dict(HEAD_DIM=D, BLOCK_M=cfg["bwd_block_m"], BLOCK_N=cfg["bwd_block_n"], HAS_MASK=has_mask,
-                     DOT_PRECISION=cfg["dot_precision"], DOT_IN_FP32=cfg["dot_in_fp32"], num_warps=cfg["num_warps"],
-                     num_stages=cfg["num_stages"])
-    _attention_bwd_dkdv_kernel[(B * H, triton.cdiv(S, cfg["bwd_block_n"]))](
-        q, k, v, do, lse, delta, dk, dv, mask_ptr, *common, **constants)
-    _attention_bwd_dq_kernel[(B * H, triton.cdiv(S, cfg["bwd_block_m"]))](
-        q, k, v, do, lse, delta, dq, mask_ptr, *common, **constants)
+    constants = dict(HEAD_DIM=D, BLOCK_M=cfg["bwd_block_m"], BLOCK_N=cfg["bwd_block_n"],
+                     SUDOKU_MASK=sudoku_mask, DOT_IN_FP32=cfg["dot_in_fp32"],
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with torch.cuda.device_of(q):
+        _attention_bwd_dkdv_kernel[(B * H * triton.cdiv(S, cfg["bwd_block_n"]),)](
+            q, k, v, o, do, lse, dk, dv, *common, **constants)
+        _attention_bwd_dq_kernel[(B * H * triton.cdiv(S, cfg["bwd_block_m"]),)](
+            q, k, v, o, do, lse, dq, *common, **constants)
     return dq, dk, dv
 
 
@@ -496,7 +504,10 @@ def _(do, q, k, v, o, lse, mask):
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, mask = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, mask)
+    # The model hands v over as a strided view of its fused qkv projection (q and k come fresh out of the
+    # rotary). Saving that view would keep the whole qkv buffer, 3x the size of v, alive until the backward;
+    # a compact copy keeps only v. contiguous() returns the tensors that already are (q, k) as they are.
+    ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), o, lse, mask)
     ctx.mark_non_differentiable(lse)  # lse is saved for the backward, not a differentiable result
 
 
@@ -512,15 +523,14 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 
 def fused_attention(q, k, v, mask=None):
     """
-    Attention with the Triton kernel. q, k, v: (B, S, H, D), any strides (the views of a fused qkv projection
-    are read in place); D a power of two >= 16; fp32, bf16 or fp16 with fp32 accumulation.
-    mask: optional (S, S) bool, True where query i may attend key j; every row should allow at least one key
-    (a row that allows none gets a zero output and zero gradients). Returns o: (B, S, H, D) in the input dtype.
+    Attention with the Triton kernels. q, k, v: (B, S, H, D), any strides (the views of a fused qkv projection
+    are read in place); D one of 16, 32, 64, 128; bf16 or fp16 with fp32 accumulation (fp32 only under the
+    Triton interpreter: on CUDA it goes to SDPA, see triton_attention_problem).
+    mask: None, or the Sudoku mask sudoku_attention_mask(P) with S = 81 + P, which the kernels compute from
+    positions; any other mask is an error (sdpa_attention takes any). Returns o: (B, S, H, D) in the input dtype.
     """
     assert q.dim() == 4 and q.shape == k.shape == v.shape, "q, k, v must share one (B, S, H, D) shape"
-    assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    D = q.size(-1)
-    assert D >= 16 and D & (D - 1) == 0, "head_dim must be a power of two >= 16"
+    assert q.dtype == k.dtype == v.dtype, "q, k, v must share one dtype"
     if mask is not None:
         assert mask.dtype == torch.bool and mask.shape == (q.size(1), q.size(1)), "mask must be (S, S) bool"
     o, _ = attention_fwd(q, k, v, mask)
@@ -636,12 +646,16 @@ class HRM(nn.Module):
         return n if with_puzzle_emb else n - self.puzzle_emb.numel()
 
     def uses_triton(self, device):
+        """Whether attention on `device` runs the Triton kernels (else SDPA), in this model's forward dtype.
+        'auto' takes them on CUDA where they are built and checked to run (bf16/fp16, head_dim 16..128, a power
+        of two); attn_impl='triton' where they cannot run is an error, never a silent switch to SDPA."""
         impl = self.config.attn_impl
-        if impl == 'auto':
-            return HAS_TRITON and device.type == 'cuda'
-        if impl == 'triton' and not HAS_TRITON:
-            raise RuntimeError("attn_impl='triton' but triton is not installed")
-        return impl == 'triton'
+        if impl == 'sdpa' or (impl == 'auto' and device.type != 'cuda'):
+            return False
+        problem = triton_attention_problem(self.config.hidden_size // self.config.num_heads, self.forward_dtype, device)
+        if impl == 'triton' and problem is not None:
+            raise ValueError(f"attn_impl='triton': {problem}")
+        return problem is None
 
     def embed(self, inputs):
         B = inputs.shape[0]
@@ -759,33 +773,110 @@ class HRM(nn.Module):
         return loss, metrics
 
     @torch.no_grad()
-    def solve(self, inputs, segments=None, halt=False, trace=False):
-        """Batch inference on (B, 81) tokens. By default every row runs `segments` (= halt_max_steps)
-        segments, as the paper evaluates. With halt=True a row's answer is frozen at the first segment
-        where the Q head says halt (what ACT would do). Returns predicted tokens (B, 81), the segments
-        each row used (B,), the final q_halt logits (or None), and with trace=True the predictions
-        after every segment (T, B, 81)."""
+    def solve(self, puzzles, segments=None, halt=False, views=1, check=False, trace=False, generator=None):
+        """Batch inference on (B, 81) puzzles, cells 0..9 (0 = blank). By default every row runs `segments`
+        (= halt_max_steps) segments of the puzzle as given, as the paper evaluates. Test-time compute:
+        - views=K solves K random symmetries of each puzzle (the first is the puzzle itself) as one batch;
+        - check=True stops a puzzle at the first segment where one of its views' answers is a valid grid
+          that keeps the givens: for a unique-solution puzzle that answer is the solution, so this halting
+          signal is exact, and only the rows still running are computed;
+        - halt=True stops a view where the Q head says halt (ACT), its answer frozen there.
+        Answers are digits 1..9 (the blank and pad tokens are never predicted). A puzzle's answer is that
+        of its first view whose answer checks, else a per-cell vote over its views (ties to the first
+        view). Returns a Solution; see there."""
         segments = segments or self.config.halt_max_steps
-        B, device = inputs.shape[0], inputs.device
-        z_H = self.H_init.to(self.forward_dtype).expand(B, self.config.seq_len + 1, -1)
+        B, K, device = puzzles.shape[0], views, puzzles.device
+        N = B * K  # rows are puzzle-major: row b*K + k is view k of puzzle b
+        symmetry = sudoku.random_symmetry(N, generator, device)
+        identity = sudoku.identity_symmetry(B, device)
+        for part, first in zip(symmetry, identity):
+            part.view(B, K, -1)[:, 0] = first
+        grids = sudoku.apply_symmetry(puzzles.long().repeat_interleave(K, dim=0), symmetry)  # (N, 81)
+        tokens = grids + 1  # 1 = blank, 2..10 = digits
+        z_H = self.H_init.to(self.forward_dtype).expand(N, self.config.seq_len + self.puzzle_emb_len, -1)
         z_L = self.L_init.to(self.forward_dtype).expand_as(z_H)
-        preds = torch.zeros_like(inputs, dtype=torch.long)
-        steps = torch.zeros(B, dtype=torch.int32, device=device)
-        running = torch.ones(B, dtype=torch.bool, device=device)
-        q_halt, history = None, []
-        for step in range(segments):
-            z_H, z_L, logits, q_logits = self.segment(z_H, z_L, inputs)
-            preds = torch.where(running[:, None], logits.argmax(-1), preds)
-            steps = steps + running.int()
+        preds = torch.ones_like(grids)
+        steps = torch.zeros(N, dtype=torch.int32, device=device)
+        q_halt = torch.full((N,), float('nan'), device=device) if self.config.act == 'q' else None
+        rows = torch.arange(N, device=device)  # the view each row of the running batch belongs to
+        history = []
+        for _ in range(segments):
+            z_H, z_L, logits, q_logits = self.segment(z_H, z_L, tokens)
+            answer = logits[..., 2:].argmax(-1) + 1                                  # (n, 81) digits 1..9
+            preds[rows], steps[rows] = answer, steps[rows] + 1
             if q_logits is not None:
-                q_halt = torch.where(running, q_logits[:, 0], q_halt) if q_halt is not None else q_logits[:, 0]
-                if halt:
-                    running = running & ~(q_logits[:, 0] > q_logits[:, 1])
+                q_halt[rows] = q_logits[:, 0]
             if trace:
                 history.append(preds.clone())
-            if halt and not running.any():  # a host sync, but only on this opt-in path
-                break
-        return preds, steps, q_halt, (torch.stack(history) if trace else None)
+            stop = None
+            if check:
+                valid, consistent = sudoku.check_grids(grids[rows], answer)
+                solved = torch.zeros(B, dtype=torch.bool, device=device).index_put_((rows // K,), valid & consistent)
+                stop = solved[rows // K]  # every view of a solved puzzle stops
+            if halt and q_logits is not None:
+                wants_halt = q_logits[:, 0] > q_logits[:, 1]
+                stop = wants_halt if stop is None else stop | wants_halt
+            if stop is not None and stop.any():  # a host sync, only on these opt-in paths
+                keep = ~stop
+                z_H, z_L, tokens, rows = z_H[keep], z_L[keep], tokens[keep], rows[keep]
+                if len(rows) == 0:
+                    break
+
+        answers = sudoku.invert_symmetry(preds, symmetry).view(B, K, 81)
+        valid, consistent = sudoku.check_grids(grids, preds)
+        checks = (valid & consistent).view(B, K)
+        first_checked = checks.int().argmax(1)                                     # (B,) lowest view that checks
+        counts = F.one_hot(answers - 1, 9).sum(1) * 2                              # (B, 81, 9) votes per digit
+        counts += F.one_hot(answers[:, 0] - 1, 9)                                  # ties go to the first view
+        vote = counts.argmax(-1) + 1
+        picked = answers[torch.arange(B, device=device), first_checked]
+        any_checked = checks.any(1)
+        final = torch.where(any_checked[:, None], picked, vote if K > 1 else answers[:, 0])
+        view = torch.where(any_checked | (K == 1), first_checked, -1)
+        chosen = torch.arange(B, device=device) * K + view.clamp(min=0)
+        valid, consistent = sudoku.check_grids(puzzles, final)  # a vote can check too
+        return Solution(
+            grids=final, steps=steps.view(B, K).amax(1), checked=valid & consistent,
+            view=view, q_halt=None if q_halt is None else q_halt[chosen],
+            history=sudoku.invert_symmetry(torch.stack(history).flatten(0, 1), tuple(
+                t.repeat(len(history), 1) for t in symmetry)).view(-1, B, K, 81) if trace else None)
+
+
+class Solution(NamedTuple):
+    """What HRM.solve returns, per puzzle."""
+    grids: torch.Tensor              # (B, 81) the answer, digits 1..9 in the puzzle's own cell order
+    steps: torch.Tensor              # (B,) segments run (the longest of its views)
+    checked: torch.Tensor            # (B,) bool: the answer is a valid grid that keeps the givens
+    view: torch.Tensor               # (B,) the view the answer came from; -1 = the per-cell vote
+    q_halt: Optional[torch.Tensor]   # (B,) the last q_halt logit of that view (None without a Q head)
+    history: Optional[torch.Tensor]  # (T, B, K, 81) every view's answer after each segment (trace=True)
+
+
+def load_checkpoint(path, device, dtype=None):
+    """An HRM for inference from train.py's ckpt.pt: the run's architecture, its EMA weights when it kept
+    them (what its evals scored), in eval mode on `device`. The forward dtype is the run's own ('auto': bf16
+    on CUDA, fp32 elsewhere) unless `dtype` is given. Returns (model, the run's config dict); raises
+    ValueError with a one-line reason for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    device = torch.device(device)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+        run_config = checkpoint['config']
+        model_config = HRMConfig(**{k: run_config[k] for k in HRMConfig.__dataclass_fields__})
+        if dtype is None:
+            name = run_config.get('dtype', 'auto')
+            name = name if name != 'auto' else 'bfloat16' if device.type == 'cuda' else 'float32'
+            dtype = getattr(torch, name)
+        model = HRM(model_config, dtype=dtype)
+        model.load_state_dict(checkpoint['model'])
+        if checkpoint.get('ema') is not None:
+            with torch.no_grad():
+                for p, e in zip(model.parameters(), checkpoint['ema']):
+                    p.copy_(e)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    return model.to(device).eval(), run_config
 
 
 def cross_entropy(logits, labels, kind):

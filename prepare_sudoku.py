@@ -369,27 +369,47 @@ def generate(n, min_givens, max_givens, seed, workers=1, progress=True):
 # augmentation: random symmetries that map a valid sudoku to a valid sudoku
 
 
-def augment(puzzles, solutions, generator=None):
-    """Give every row its own random symmetry: relabel the digits, permute the bands, the stacks, the rows
-    inside each band and the columns inside each stack, and transpose half the time.
-    puzzles, solutions: (B, 81) integer tensors on any device, 0 = blank. Returns new tensors."""
-    B, device = puzzles.shape[0], puzzles.device
-
+def random_symmetry(n, generator=None, device=None):
+    """n random Sudoku symmetries, each a relabelling of the digits, a permutation of the bands, the stacks,
+    the rows inside each band and the columns inside each stack, and a transpose half the time.
+    Returns (index, digits): output cell i takes input cell index[:, i], and digit d becomes digits[:, d]
+    (index (n, 81), digits (n, 10) with 0 -> 0, so blanks stay blank)."""
     def permutations(*shape):  # random permutations of 0..shape[-1]-1 along the last dim
         return torch.rand(*shape, generator=generator, device=device).argsort(dim=-1)
 
     # source row of each output row: pick a band, then a row inside it; columns likewise with stacks
-    rows = (permutations(B, 3)[:, :, None] * 3 + permutations(B, 3, 3)).view(B, 9)
-    cols = (permutations(B, 3)[:, :, None] * 3 + permutations(B, 3, 3)).view(B, 9)
-    index = rows[:, :, None] * 9 + cols[:, None, :]                            # (B, 9, 9) source cell
-    transpose = torch.rand(B, generator=generator, device=device) < 0.5
-    index = torch.where(transpose[:, None, None], index.transpose(1, 2), index).reshape(B, 81)
-    digits = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device),   # blanks stay blank
-                        permutations(B, 9) + 1], dim=1)                        # (B, 10) new label of each digit
+    rows = (permutations(n, 3)[:, :, None] * 3 + permutations(n, 3, 3)).view(n, 9)
+    cols = (permutations(n, 3)[:, :, None] * 3 + permutations(n, 3, 3)).view(n, 9)
+    index = rows[:, :, None] * 9 + cols[:, None, :]                            # (n, 9, 9) source cell
+    transpose = torch.rand(n, generator=generator, device=device) < 0.5
+    index = torch.where(transpose[:, None, None], index.transpose(1, 2), index).reshape(n, 81)
+    digits = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=device), permutations(n, 9) + 1], dim=1)
+    return index, digits
 
-    def apply(grids):
-        return digits.gather(1, grids.long().gather(1, index)).to(grids.dtype)
-    return apply(puzzles), apply(solutions)
+
+def identity_symmetry(n, device=None):
+    return (torch.arange(81, device=device).expand(n, 81).clone(),
+            torch.arange(10, device=device).expand(n, 10).clone())
+
+
+def apply_symmetry(grids, symmetry):
+    """grids (n, 81) of 0..9 under each row's symmetry; keeps the dtype."""
+    index, digits = symmetry
+    return digits.gather(1, grids.long().gather(1, index)).to(grids.dtype)
+
+
+def invert_symmetry(grids, symmetry):
+    """The inverse of apply_symmetry: invert_symmetry(apply_symmetry(g, s), s) == g. Used to map the answer
+    to a transformed view of a puzzle back to the puzzle's own cells and digits."""
+    index, digits = symmetry
+    return digits.argsort(dim=1).gather(1, grids.long().gather(1, index.argsort(dim=1))).to(grids.dtype)
+
+
+def augment(puzzles, solutions, generator=None):
+    """Give every row its own random symmetry (random_symmetry). puzzles, solutions: (B, 81) integer
+    tensors on any device, 0 = blank. Returns new tensors."""
+    symmetry = random_symmetry(puzzles.shape[0], generator, puzzles.device)
+    return apply_symmetry(puzzles, symmetry), apply_symmetry(solutions, symmetry)
 
 # -----------------------------------------------------------------------------
 # difficulty bins over ratings (see RATING_BINS)

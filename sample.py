@@ -4,9 +4,11 @@ Solve Sudoku puzzles with a trained HRM checkpoint.
     python sample.py --puzzle=53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
     python sample.py --file=puzzles.txt               # one puzzle a line ('-' reads stdin)
     python sample.py --file=data.csv                  # dataset CSV (source,question,answer,rating): reports accuracy
+    python sample.py --file=data.csv --views=8 --segments=64   # test-time compute: 8 symmetric views, 64 segments
 Options: --out_dir (checkpoint folder), --segments (0 = stop when the Q head says halt, at most
-halt_max_steps), --trace, --json, --batch_size, --device. Puzzles: 81 cells, '.' or '0' for blanks;
-spaces, newlines and grid drawing (| - +) are ignored.
+halt_max_steps; no Q head: train.py's eval_segments), --views (random symmetries solved per puzzle),
+--check (stop a puzzle once an answer checks), --trace, --json, --batch_size, --device, --dtype, --seed.
+Puzzles: 81 cells, '.' or '0' for blanks; spaces, newlines and grid drawing (| - +) are ignored.
 """
 
 import json
@@ -19,17 +21,21 @@ import torch
 
 import prepare_sudoku as sudoku
 from configurator import ConfigError, configure
-from model import HRM, HRMConfig
+from model import load_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-sudoku-cpu'   # where train.py wrote ckpt.pt
 puzzle = ''
 file = ''
-segments = 0                 # 0 = ACT: stop at the Q head's halt (at most halt_max_steps; no Q head: train.py's eval_segments); N = run N
+segments = 0                 # 0 = ACT: stop at the Q head's halt (at most halt_max_steps; no Q head: train.py's eval_segments); N = up to N
+views = 1                    # random symmetries of each puzzle solved together (the first is the puzzle as given)
+check = True                 # stop a puzzle at the first segment where an answer is a valid grid keeping the givens
 trace = False                # print how the answer changes segment by segment
 json_output = False          # one JSON object per puzzle (also accepted as --json)
 batch_size = 256
 device = 'auto'
+dtype = 'auto'               # 'auto' = the run's own (bf16 on CUDA for a run that used 'auto'), or float32/bfloat16/float16
+seed = 0                     # draws the views
 EXAMPLE = '53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79'
 # -----------------------------------------------------------------------------
 
@@ -62,31 +68,22 @@ def read_puzzles():
                 except ValueError as e:
                     fail(f"{file}:{number}: {e}")
         return items
+    given = any(a.startswith('--puzzle=') for a in sys.argv[1:])  # an empty --puzzle= is a mistake, not a request for the example
     try:
-        return [(sudoku.parse_grid(puzzle or EXAMPLE), None)]
+        return [(sudoku.parse_grid(puzzle if given else EXAMPLE), None)]
     except ValueError as e:
         fail(str(e))
 
 
-def load_model(device):
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}: train one with  python train.py config/sudoku_cpu.py  or pass --out_dir=")
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
-        model_config = HRMConfig(**{k: checkpoint['config'][k] for k in HRMConfig.__dataclass_fields__})
-        dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
-        model = HRM(model_config, dtype=dtype)
-        model.load_state_dict(checkpoint['model'])
-    except Exception as e:  # a truncated or foreign file
-        fail(f"cannot read checkpoint {path}: {e}")
-    if checkpoint.get('ema') is not None:  # evaluate with the weights train.py evaluated with
-        with torch.no_grad():
-            for p, e in zip(model.parameters(), checkpoint['ema']):
-                p.copy_(e)
-    # without a Q head there is no halting: run as many segments as train.py's eval did
-    default_segments = 0 if model_config.act == 'q' else checkpoint['config'].get('eval_segments', 0)
-    return model.to(device).eval(), default_segments
+def solve_all(model, puzzles, generator, **settings):
+    """model.solve over batches; returns the Solution fields as CPU tensors, concatenated, and the seconds taken."""
+    parts = []
+    t0 = time.perf_counter()
+    for start in range(0, len(puzzles), batch_size):
+        result = model.solve(puzzles[start:start + batch_size], generator=generator, **settings)
+        parts.append({k: v for k, v in result._asdict().items() if v is not None})
+    fields = {k: torch.cat([p[k].cpu() for p in parts], dim=1 if k == 'history' else 0) for k in parts[0]}
+    return fields, time.perf_counter() - t0
 
 
 def main():
@@ -95,8 +92,10 @@ def main():
         configure(globals(), args)
     except ConfigError as e:
         fail(str(e))
-    if batch_size < 1 or segments < 0:
-        fail(f"need batch_size >= 1 and segments >= 0, got {batch_size} and {segments}")
+    if batch_size < 1 or segments < 0 or views < 1:
+        fail(f"need batch_size >= 1, segments >= 0 and views >= 1, got {batch_size}, {segments} and {views}")
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
     items = read_puzzles()
     if not items:
         fail("no puzzles given")
@@ -112,45 +111,66 @@ def main():
         fail(f"device={device!r} is not usable: {e}")
 
     t0 = time.perf_counter()
-    model, default_segments = load_model(dev)
+    try:
+        model, run_config = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), dev, None if dtype == 'auto' else getattr(torch, dtype))
+    except ValueError as e:
+        fail(f"{e}: train one with  python train.py config/sudoku_cpu.py  or pass --out_dir=")
     t_load = time.perf_counter() - t0
-    puzzles = torch.from_numpy(np.stack([c for c, _ in items]))
-    answers = [a for _, a in items]
-    t0 = time.perf_counter()
-    results = []
-    for start in range(0, len(items), batch_size):
-        inputs = puzzles[start:start + batch_size].to(dev).long() + 1
-        n = segments or default_segments or None  # None: up to halt_max_steps
-        preds, steps, _, history = model.solve(inputs, segments=n, halt=segments == 0, trace=trace)
-        preds = (preds - 1).clamp(min=0).cpu()
-        valid, consistent = sudoku.check_grids(puzzles[start:start + batch_size], preds)
-        results += [(preds[j], int(steps[j]), bool(valid[j]), bool(consistent[j]),
-                     None if history is None else (history[:, j] - 1).clamp(min=0).cpu()) for j in range(len(preds))]
-    t_solve = time.perf_counter() - t0
+    # without a Q head there is no halting: by default run as many segments as train.py's eval did
+    act = model.config.act == 'q'
+    n = segments or (None if act else run_config.get('eval_segments') or None)  # None: halt_max_steps
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    puzzles = torch.from_numpy(np.stack([c for c, _ in items])).to(dev)
+    result, t_solve = solve_all(model, puzzles, generator, segments=n, halt=act and segments == 0, views=views,
+                                check=check, trace=trace)
+    valid, consistent = sudoku.check_grids(puzzles.cpu(), result['grids'])
+    ttc = views > 1 or check
 
-    for (cells, answer), (pred, steps, valid, consistent, history) in zip(items, results):
+    for i, (cells, answer) in enumerate(items):
+        steps = int(result['steps'][i])
         if json_output:
-            print(json.dumps({'puzzle': sudoku.grid_to_string(cells), 'solution': sudoku.grid_to_string(pred.numpy()),
-                              'valid': valid, 'consistent': consistent, 'steps': steps}))
+            print(json.dumps({'puzzle': sudoku.grid_to_string(cells), 'solution': sudoku.grid_to_string(result['grids'][i].numpy()),
+                              'valid': bool(valid[i]), 'consistent': bool(consistent[i]), 'steps': steps,
+                              'view': int(result['view'][i])}))
             continue
         if len(items) > 1 and answer is not None:
             continue  # dataset mode: only the summary below
-        if trace:
+        view = int(result['view'][i])
+        if trace:  # the view the answer came from (the puzzle as given when the views were voted)
+            history = result['history'][:steps, i]                                    # (T, K, 81)
             previous = None
-            for t, grid in enumerate(history[:steps]):
+            for t, grids in enumerate(history):
+                grid = grids[max(view, 0)]
                 changed = 81 if previous is None else int((grid != previous).sum())
-                ok, _ = sudoku.check_grids(torch.from_numpy(cells)[None], grid[None])
+                ok = sudoku.check_grids(torch.from_numpy(cells).expand(len(grids), 81), grids)
+                n_ok = int((ok[0] & ok[1]).sum())
                 print(f"segment {t + 1:2d}: {sudoku.grid_to_string(grid.numpy())}  {changed:2d} cells changed"
-                      f"{'  valid' if ok[0] else ''}")
+                      f"{'  valid' if n_ok and (ok[0] & ok[1])[max(view, 0)] else ''}"
+                      f"{f'  ({n_ok}/{views} views check)' if views > 1 else ''}")
                 previous = grid
-        print(sudoku.format_side_by_side([cells, pred.numpy()], ['puzzle', 'HRM answer']))
-        print(f"valid sudoku: {'yes' if valid else 'NO'} | keeps every given: {'yes' if consistent else 'NO'} | "
-              f"segments: {steps} | load {t_load * 1000:.0f} ms, solve {t_solve * 1000:.0f} ms\n")
-    if any(a is not None for a in answers):
-        known = [(r[0], a) for r, a in zip(results, answers) if a is not None]
-        exact = sum(bool((pred.numpy() == a).all()) for pred, a in known)
-        print(f"exact accuracy {exact / len(known):.2%} ({exact}/{len(known)}) | valid {sum(r[2] for r in results) / len(results):.2%} | "
-              f"{len(items) / t_solve:.0f} puzzles/s on {dev.type}", file=sys.stderr if json_output else sys.stdout)
+        print(sudoku.format_side_by_side([cells, result['grids'][i].numpy()], ['puzzle', 'HRM answer']))
+        source = '' if views == 1 else (f" | answer from view {view + 1} of {views}" if view >= 0 else
+                                        f" | no view checks: per-cell vote over {views} views")
+        print(f"valid sudoku: {'yes' if valid[i] else 'NO'} | keeps every given: {'yes' if consistent[i] else 'NO'} | "
+              f"segments: {steps}{source} | load {t_load * 1000:.0f} ms, solve {t_solve * 1000:.0f} ms\n")
+    if any(a is not None for _, a in items):
+        out = sys.stderr if json_output else sys.stdout
+        solutions = torch.from_numpy(np.stack([a for _, a in items]))
+        if ttc:  # the paper's number too, never mixed with the test-time one: the puzzle as given, fixed segments, no check
+            paper, t_paper = solve_all(model, puzzles, generator, segments=n)
+            print(f"paper metric (1 view, {int(paper['steps'].max())} segments, no check): "
+                  f"{summary(puzzles, paper, solutions, t_paper, dev)}", file=out)
+        label = (f"test-time ({views} view{'s' * (views > 1)}, up to {n or model.config.halt_max_steps} segments"
+                 f"{', checked' if check else ''}): ") if ttc else ''
+        print(label + summary(puzzles, result, solutions, t_solve, dev), file=out)
+
+
+def summary(puzzles, result, solutions, seconds, dev):
+    grids = result['grids']
+    exact = int((grids == solutions).all(-1).sum())
+    valid = sudoku.check_grids(puzzles.cpu(), grids)[0].float().mean()
+    return (f"exact accuracy {exact / len(grids):.2%} ({exact}/{len(grids)}) | valid {valid:.2%} | "
+            f"mean segments {result['steps'].float().mean():.1f} | {len(grids) / seconds:.0f} puzzles/s on {dev.type}")
 
 
 if __name__ == '__main__':

@@ -41,6 +41,8 @@ log_interval = 10           # steps between log lines (and between stop/time che
 eval_interval = 2000.0      # epochs between evals (and checkpoints); fractions allowed
 eval_max_puzzles = 0        # evaluate on the first N test puzzles (0 = all)
 eval_segments = 0           # segments run per test puzzle (0 = halt_max_steps, as the paper)
+eval_views = 1              # > 1: also report exact_acc_ttc, with this many symmetric views per puzzle
+eval_check = False          # also report exact_acc_ttc, each puzzle stopping at the first answer that checks
 eval_batch_size = 0         # 0 = the per-process batch size
 eval_only = False           # evaluate out_dir/ckpt.pt on the full test set, print the breakdown, exit
 failures_max = 1000         # wrong test answers written to out_dir/eval_failures.csv per eval
@@ -117,6 +119,8 @@ if dtype == 'auto':
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
 if ptdtype is None:
     fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
+if ptdtype == torch.float16:  # its 5-bit exponent underflows small gradients unless the loss is scaled
+    fail("dtype='float16' needs loss scaling, which train.py does not do: use bfloat16 (or float32)")
 if global_batch_size % (world_size * gradient_accumulation_steps):
     fail(f"global_batch_size={global_batch_size} is not divisible by world_size*gradient_accumulation_steps="
          f"{world_size * gradient_accumulation_steps}")
@@ -178,7 +182,10 @@ def get_batch():
     """This process's micro-batches of one global batch: a list of (inputs, labels, min_halt_steps).
     Every process draws and augments the whole global batch and keeps its slice, so the run is the
     same whatever the number of processes (the draw is tiny next to the model)."""
-    rows = train_rows[torch.from_numpy(next_indices(global_batch_size)).to(device)]
+    index = torch.from_numpy(next_indices(global_batch_size))
+    if device_type == 'cuda':  # from pinned memory the copy is asynchronous: the host does not wait for the GPU
+        index = index.pin_memory()
+    rows = train_rows[index.to(device, non_blocking=True)]
     puzzles, solutions = rows[:, :81], rows[:, 81:]
     if augment:
         puzzles, solutions = sudoku.augment(puzzles, solutions, generator=device_rng)
@@ -196,7 +203,9 @@ checkpoint = None
 if init_from == 'resume' or eval_only:
     if not os.path.exists(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} to {'evaluate' if eval_only else 'resume'}")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+    # onto the CPU: the RNG states must stay there (torch.set_rng_state takes only a CPU tensor), and the
+    # model, optimizer and carry are moved to the device as they are loaded below
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
     for k in model_keys:  # the architecture comes from the checkpoint
         config[k] = checkpoint['config'][k]
 elif init_from != 'scratch':
@@ -272,58 +281,86 @@ def ema_weights():
 @torch.no_grad()
 def evaluate(max_puzzles, failures_path=None):
     """Exact accuracy (all 81 cells right), cell accuracy, mean segments and Q-halt accuracy on the
-    test split, overall and per difficulty bin; test puzzles are sharded over the processes."""
+    test split, overall and per difficulty bin; test puzzles are sharded over the processes.
+    The paper's metric (`exact_acc`) is always the puzzle as given, a fixed eval_segments, no check.
+    With eval_views > 1 or eval_check, a second solve adds the test-time-compute metric (`exact_acc_ttc`):
+    eval_views symmetric views, up to eval_segments, stopping at the first answer that checks."""
     raw_model.eval()
     n = len(test_rows) if not max_puzzles else min(max_puzzles, len(test_rows))
     mine = np.arange(rank, n, world_size)
-    bins = [(sudoku.RATING_BINS, 'rating'), (sudoku.GIVENS_BINS, 'givens')]
-    # sums: exact, cells right, segments, q right, then (count, exact) per bin
-    sums = torch.zeros(4 + 2 * sum(len(b) for b, _ in bins), dtype=torch.float64)
+    ttc = eval_views > 1 or eval_check
+    generator = torch.Generator(device=device).manual_seed(seed + 2)  # the same views at every eval
+    bins = {'rating': sudoku.RATING_BINS, 'givens': sudoku.GIVENS_BINS}
+    metrics = ['exact', 'exact_ttc'] if ttc else ['exact']
+    # sums of per-puzzle numbers, one dict key each, so every process holds the same keys for the all-reduce
+    sums = dict.fromkeys(['exact', 'cells', 'steps', 'q_right', 'exact_ttc', 'steps_ttc', 'seconds_ttc'] + [
+        f'{key}/{name}/{m}' for key, bin_list in bins.items() for _, _, name in bin_list for m in ['count'] + metrics], 0.0)
     failures = []
     batch = eval_batch_size or micro_batch
     for start in range(0, len(mine), batch):
         idx = mine[start:start + batch]
         rows = torch.from_numpy(np.array(test_rows[idx])).to(device)
-        inputs, labels = rows[:, :81].long() + 1, rows[:, 81:].long() + 1
-        preds, steps, q_halt, _ = raw_model.solve(inputs, segments=eval_segments or None)
-        cell_right = (preds == labels)
+        puzzles, solutions = rows[:, :81], rows[:, 81:].long()
+        paper = raw_model.solve(puzzles, segments=eval_segments or None)
+        cell_right = paper.grids == solutions
         exact = cell_right.all(-1)
-        q_right = ((q_halt >= 0) == exact) if q_halt is not None else torch.zeros_like(exact)
-        sums[:4] += torch.stack([exact.sum(), cell_right.float().mean(-1).sum(), steps.sum(), q_right.sum()]).double().cpu()
-        exact_np = exact.cpu().numpy()
-        offset = 4
-        keys = {'rating': np.asarray(test_ratings[idx]).astype(np.int64), 'givens': (rows[:, :81] > 0).sum(-1).cpu().numpy()}
-        for bin_list, key in bins:
-            which = sudoku.bin_index(keys[key], bin_list)
-            for i in range(len(bin_list)):
-                sums[offset + 2 * i] += (which == i).sum()
-                sums[offset + 2 * i + 1] += exact_np[which == i].sum()
-            offset += 2 * len(bin_list)
+        per_puzzle = {'exact': exact.cpu().numpy()}
+        sums['exact'] += float(exact.sum())
+        sums['cells'] += float(cell_right.float().mean(-1).sum())
+        sums['steps'] += float(paper.steps.sum())
+        if paper.q_halt is not None:
+            sums['q_right'] += float(((paper.q_halt >= 0) == exact).sum())
+        if ttc:
+            if device_type == 'cuda':
+                torch.cuda.synchronize(device)
+            t0 = time.time()
+            answer = raw_model.solve(puzzles, segments=eval_segments or None, views=eval_views, check=eval_check,
+                                     generator=generator)
+            exact_ttc = (answer.grids == solutions).all(-1).cpu().numpy()  # (a sync, so the clock is fair)
+            sums['seconds_ttc'] += time.time() - t0
+            sums['exact_ttc'] += float(exact_ttc.sum())
+            sums['steps_ttc'] += float(answer.steps.sum())
+            per_puzzle['exact_ttc'] = exact_ttc
+        ratings = np.asarray(test_ratings[idx]).astype(np.int64)
+        givens = (puzzles > 0).sum(-1).cpu().numpy()
+        for key, values in (('rating', ratings), ('givens', givens)):
+            which = sudoku.bin_index(values, bins[key])
+            for i, (_, _, name) in enumerate(bins[key]):
+                sums[f'{key}/{name}/count'] += float((which == i).sum())
+                for m in metrics:
+                    sums[f'{key}/{name}/{m}'] += float(per_puzzle[m][which == i].sum())
         if failures_path and len(failures) < failures_max:
-            wrong = (~exact).nonzero().flatten().tolist()
-            for j in wrong[:failures_max - len(failures)]:
+            wrong = ~per_puzzle['exact'] | (~per_puzzle['exact_ttc'] if ttc else False)
+            for j in np.flatnonzero(wrong)[:failures_max - len(failures)]:
                 cells = (~cell_right[j]).nonzero().flatten().tolist()
-                failures.append([sudoku.grid_to_string(rows[j, :81].cpu().numpy()), sudoku.grid_to_string((preds[j] - 1).clamp(min=0).cpu().numpy()),
-                                 sudoku.grid_to_string(rows[j, 81:].cpu().numpy()), int(keys['rating'][j]), int(keys['givens'][j]),
-                                 len(cells), ' '.join(f'r{c // 9 + 1}c{c % 9 + 1}' for c in cells)])
+                failure = [sudoku.grid_to_string(rows[j, :81].cpu().numpy()), sudoku.grid_to_string(paper.grids[j].cpu().numpy()),
+                           sudoku.grid_to_string(rows[j, 81:].cpu().numpy()), int(ratings[j]), int(givens[j]), len(cells),
+                           ' '.join(f'r{c // 9 + 1}c{c % 9 + 1}' for c in cells)]
+                if ttc:
+                    failure += [sudoku.grid_to_string(answer.grids[j].cpu().numpy()),
+                                int((answer.grids[j] != solutions[j]).sum())]
+                failures.append(failure)
     if ddp:
-        sums = sums.to(device)
-        dist.all_reduce(sums)
-        sums = sums.cpu()
+        packed = torch.tensor([sums[k] for k in sums], dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        sums = dict(zip(sums, packed.tolist()))
     raw_model.train()
-    result = {'exact_acc': sums[0].item() / n, 'cell_acc': sums[1].item() / n, 'steps': sums[2].item() / n,
-              'q_halt_acc': sums[3].item() / n if model_config.act == 'q' else None, 'puzzles': n}
-    offset = 4
-    for bin_list, key in bins:
-        for i, (_, _, name) in enumerate(bin_list):
-            count, right = sums[offset + 2 * i].item(), sums[offset + 2 * i + 1].item()
-            if count:
-                result[f'exact_by_{key}/{name}'] = (right / count, int(count))
-        offset += 2 * len(bin_list)
+    result = {'exact_acc': sums['exact'] / n, 'cell_acc': sums['cells'] / n, 'steps': sums['steps'] / n,
+              'q_halt_acc': sums['q_right'] / n if model_config.act == 'q' else None, 'puzzles': n}
+    if ttc:
+        result.update(exact_acc_ttc=sums['exact_ttc'] / n, ttc_views=eval_views, ttc_check=eval_check,
+                      ttc_segments=eval_segments or model_config.halt_max_steps, ttc_steps=sums['steps_ttc'] / n,
+                      ttc_puzzles_per_s=n / max(sums['seconds_ttc'] / world_size, 1e-9))
+    for key, bin_list in bins.items():
+        for _, _, name in bin_list:
+            count = sums[f'{key}/{name}/count']
+            for m in metrics if count else []:
+                result[f'{m}_by_{key}/{name}'] = (sums[f'{key}/{name}/{m}'] / count, int(count))
     if failures_path and master_process:
         with open(failures_path + '.tmp', 'w', newline='') as f:
             writer = csv.writer(f)
-            writer.writerow(['puzzle', 'prediction', 'solution', 'rating', 'givens', 'n_wrong', 'wrong_cells'])
+            writer.writerow(['puzzle', 'prediction', 'solution', 'rating', 'givens', 'n_wrong', 'wrong_cells'] +
+                            (['ttc_prediction', 'ttc_n_wrong'] if ttc else []))
             writer.writerows(failures)
         os.replace(failures_path + '.tmp', failures_path)
     return result
@@ -333,9 +370,15 @@ def print_breakdown(result):
     print(f"exact accuracy {result['exact_acc']:.2%} | cell accuracy {result['cell_acc']:.2%} | "
           f"segments {result['steps']:.1f} | q-halt accuracy "
           f"{'n/a' if result['q_halt_acc'] is None else format(result['q_halt_acc'], '.2%')} | {result['puzzles']} puzzles")
-    for key in ('rating', 'givens'):
-        parts = [(name.split('/')[1], value) for name, value in result.items() if name.startswith(f'exact_by_{key}/')]
-        print(f"  by {key}:", ' | '.join(f"{name}: {acc:.1%} of {count}" for name, (acc, count) in parts))
+    if 'exact_acc_ttc' in result:
+        print(f"  test-time: exact accuracy {result['exact_acc_ttc']:.2%} with {result['ttc_views']} views, up to "
+              f"{result['ttc_segments']} segments{', checked' if result['ttc_check'] else ''} | mean segments run "
+              f"{result['ttc_steps']:.1f} | {result['ttc_puzzles_per_s']:.0f} puzzles/s")
+    for m, label in (('exact', ''), ('exact_ttc', 'test-time ')):
+        for key in ('rating', 'givens'):
+            parts = [(name.split('/')[1], value) for name, value in result.items() if name.startswith(f'{m}_by_{key}/')]
+            if parts:
+                print(f"  {label}by {key}:", ' | '.join(f"{name}: {acc:.1%} of {count}" for name, (acc, count) in parts))
 
 
 def save_checkpoint():

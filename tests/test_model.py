@@ -221,13 +221,121 @@ def test_fixed_segments_mode_has_no_q_head():
 def test_solve_runs_all_segments_and_halts_with_act():
     torch.manual_seed(0)
     model = HRM(HRMConfig(**TINY)).eval()
-    inputs, _ = random_tokens(3)
-    preds, steps, q_halt, history = model.solve(inputs, trace=True)
-    assert (steps == 4).all() and history.shape == (4, 3, 81) and torch.equal(history[-1], preds)
+    puzzles = random_tokens(3)[0] - 1  # cells 0..9
+    result = model.solve(puzzles, trace=True)
+    assert (result.steps == 4).all() and result.history.shape == (4, 3, 1, 81)
+    assert torch.equal(result.history[-1, :, 0], result.grids)
     with torch.no_grad():
         model.q_head.bias.copy_(torch.tensor([5.0, -5.0]))
-    preds, steps, q_halt, _ = model.solve(inputs, halt=True)
-    assert (steps == 1).all()
+    assert (model.solve(puzzles, halt=True).steps == 1).all()
+
+
+def test_answers_are_always_digits():
+    # a random model puts most of its mass on blank and pad tokens: answers must still be digits 1..9
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(**TINY)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[:2] += 10.0 * model.lm_head.weight[2:].abs().max()
+    puzzles = random_tokens(16)[0] - 1
+    for views in (1, 3):
+        grids = model.solve(puzzles, segments=2, views=views, check=True).grids
+        assert grids.shape == (16, 81) and grids.min() >= 1 and grids.max() <= 9
+
+
+# test-time compute with stub models: what the "network" answers is set per view, so selection and
+# halting can be checked against known solutions. Puzzles come from the generator (unique solutions)
+# and their solutions from the brute-force solver of prepare_sudoku, independent of the model.
+
+import prepare_sudoku as sudoku  # noqa: E402
+
+
+def unique_puzzles(n, seed=0):
+    rows, _ = sudoku.generate(n, 30, 36, seed=seed, progress=False)
+    rows = torch.from_numpy(rows).long()
+    return rows[:, :81], rows[:, 81:]
+
+
+class StubHRM(HRM):
+    """segment() answers with answer_for(view cells, segment number) instead of running the network;
+    the segment number travels in z_H so it follows each row through the solver's compaction."""
+
+    def __init__(self, answer_for):
+        super().__init__(HRMConfig(**TINY, act='fixed'))
+        self.H_init.zero_()  # so z_H starts at segment 0
+        self.answer_for = answer_for
+        self.calls = []
+
+    def segment(self, z_H, z_L, inputs):
+        t = int(z_H[0, 0, 0]) + 1
+        self.calls.append(len(inputs))
+        answers = torch.stack([self.answer_for(row - 1, t) for row in inputs])
+        logits = F.one_hot(answers + 1, 11).float() * 10
+        z_H = torch.full((len(inputs), 82, 32), float(t))
+        return z_H, z_H.clone(), logits, None
+
+
+def view_symmetries(B, K, seed):
+    """The symmetries HRM.solve draws for B puzzles x K views from a generator seeded with seed."""
+    symmetry = sudoku.random_symmetry(B * K, torch.Generator().manual_seed(seed))
+    for part, first in zip(symmetry, sudoku.identity_symmetry(B)):
+        part.view(B, K, -1)[:, 0] = first
+    return symmetry
+
+
+def per_view(puzzles, K, seed, pick):
+    """{view puzzle cells: the answer pick(b, k) for puzzle b, moved into view k's cells and digits}."""
+    symmetry = view_symmetries(len(puzzles), K, seed)
+    table = {}
+    for b in range(len(puzzles)):
+        for k in range(K):
+            s = tuple(part[b * K + k:b * K + k + 1] for part in symmetry)
+            view_puzzle = sudoku.apply_symmetry(puzzles[b:b + 1], s)[0]
+            table[bytes(view_puzzle.tolist())] = sudoku.apply_symmetry(pick(b, k)[None], s)[0]
+    return table
+
+
+def test_checked_answer_is_the_known_solution():
+    # a noisy solver: each view's answer is that view's solution with random cells wrong, fewer as
+    # segments go on; whatever checks must be the known solution once mapped back to the puzzle's cells
+    puzzles, solutions = unique_puzzles(12)
+    truth = per_view(puzzles, 4, seed=1, pick=lambda b, k: solutions[b])
+    g = torch.Generator().manual_seed(0)
+
+    def answer_for(cells, t):
+        noisy = truth[bytes(cells.tolist())].clone()
+        wrong = torch.rand(81, generator=g) < 0.3 / t
+        noisy[wrong] = torch.randint(1, 10, (int(wrong.sum()),), generator=g)
+        return noisy
+
+    model = StubHRM(answer_for).eval()
+    result = model.solve(puzzles, segments=8, views=4, check=True, generator=torch.Generator().manual_seed(1))
+    valid, consistent = sudoku.check_grids(puzzles, result.grids)
+    assert torch.equal(result.checked, valid & consistent) and result.checked.sum() >= 6
+    assert torch.equal(result.grids[result.checked], solutions[result.checked])
+    # the batch shrank as puzzles were solved, and a solved puzzle stopped at once
+    assert model.calls[0] == 12 * 4 and min(model.calls) < model.calls[0]
+    assert (result.steps[result.checked] < 8).any()
+
+
+def test_a_checking_view_beats_a_majority_that_does_not_check():
+    # views 0 and 1 agree on a wrong answer (a valid grid that breaks the givens: two digits swapped),
+    # view 2 answers right; the vote would pick the wrong one, the check must pick view 2
+    puzzles, solutions = unique_puzzles(4, seed=1)
+    swap = torch.tensor([0, 2, 1, 3, 4, 5, 6, 7, 8, 9])
+    wrong = swap[solutions]
+    assert not sudoku.check_grids(puzzles, wrong)[1].any()  # each breaks a given
+    table = per_view(puzzles, 3, seed=7, pick=lambda b, k: solutions[b] if k == 2 else wrong[b])
+    model = StubHRM(lambda cells, t: table[bytes(cells.tolist())]).eval()
+    for check in (False, True):
+        result = model.solve(puzzles, segments=2, views=3, check=check, generator=torch.Generator().manual_seed(7))
+        assert torch.equal(result.grids, solutions) and result.checked.all() and (result.view == 2).all()
+    # with no view that checks (view 2 answers junk), the per-cell vote: the majority's answer
+    junk = torch.ones(81, dtype=torch.long)
+    table = per_view(puzzles, 3, seed=7, pick=lambda b, k: junk if k == 2 else wrong[b])
+    model = StubHRM(lambda cells, t: table[bytes(cells.tolist())]).eval()
+    result = model.solve(puzzles, segments=2, views=3, generator=torch.Generator().manual_seed(7))
+    assert not result.checked.any() and (result.view == -1).all()
+    assert torch.equal(result.grids, wrong)
 
 
 def test_bad_config_values():
