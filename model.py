@@ -175,7 +175,7 @@ def triton_attention_problem(head_dim, dtype, device):
         return f"dtype {dtype} is not bfloat16, float16 or float32"
     if device.type == "cuda" and dtype == torch.float32:
         # fp32 tiles double shared memory and registers: compiled ahead of time at head_dim 64, the forward needed
-        # 112 KiB (an sm_86/89 block gets 99 KiB) and every kernel spilled 10-31 KB per thread on every arch
+        # 112 KiB (an sm_86/89 block gets 99 KiB) and every kernel spilled 13-31 KB per thread on every arch
         return "float32 on CUDA (the kernels are built for bfloat16/float16 there; use attn_impl='sdpa')"
     if device.type == "cpu" and not _interpreting():
         return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (the interpreter, for tests)"
@@ -202,7 +202,8 @@ if HAS_TRITON:
     def _program(S, BLOCK: tl.constexpr):
         # The grid is 1D, B*H*cdiv(S, BLOCK) programs with the block index varying fastest, so the programs of one
         # (batch, head) run side by side and the k and v (or q and do) they all read come from L2, not each from
-        # DRAM (CUDA also caps grid axes 1 and 2 at 65535). Returns the (batch, head) index and this block's rows.
+        # DRAM (and no axis meets CUDA's 65535 cap on grid axes 1 and 2). Returns the (batch, head) index and the
+        # rows of this program's block.
         n_blocks = tl.cdiv(S, BLOCK)
         pid = tl.program_id(0)
         return pid // n_blocks, (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -224,13 +225,6 @@ if HAS_TRITON:
     def _store_tile(ptr, rows, stride_s, S, tile, HEAD_DIM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         tl.store(ptr + rows[:, None] * stride_s + offs_d[None, :], tile.to(ptr.dtype.element_ty), mask=(rows < S)[:, None])
-
-    @triton.jit
-    def _delta(O, DO, rows, stride_os, do, S, HEAD_DIM: tl.constexpr):
-        # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the term softmax's backward subtracts from every dP_ij,
-        # for the rows at hand: computed where it is used from the o tile, in fp32 (bf16 products are exact)
-        o = _load_tile(O, rows, stride_os, S, HEAD_DIM)
-        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
 
     @triton.jit
     def _allowed(rows, cols, S, prefix_len, SUDOKU_MASK: tl.constexpr):
@@ -298,11 +292,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _attention_bwd_dkdv_kernel(
-        Q, K, V, O, DO, LSE, DK, DV,
+        Q, K, V, DO, LSE, DELTA, DK, DV,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
-        stride_ob, stride_os, stride_oh,
         stride_dob, stride_dos, stride_doh,
         stride_gb, stride_gs, stride_gh,
         H, S, prefix_len, qk_scale, sm_scale,
@@ -315,11 +308,11 @@ if HAS_TRITON:
         Q += _head_start(pid_bh, H, stride_qb, stride_qh)
         K += _head_start(pid_bh, H, stride_kb, stride_kh)
         V += _head_start(pid_bh, H, stride_vb, stride_vh)
-        O += _head_start(pid_bh, H, stride_ob, stride_oh)
         DO += _head_start(pid_bh, H, stride_dob, stride_doh)
         DK += _head_start(pid_bh, H, stride_gb, stride_gh)
         DV += _head_start(pid_bh, H, stride_gb, stride_gh)
         LSE += pid_bh.to(tl.int64) * S
+        DELTA += pid_bh.to(tl.int64) * S
         k = _load_tile(K, cols, stride_ks, S, HEAD_DIM)
         v = _load_tile(V, cols, stride_vs, S, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -328,8 +321,8 @@ if HAS_TRITON:
             rows = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(Q, rows, stride_qs, S, HEAD_DIM)
             do = _load_tile(DO, rows, stride_dos, S, HEAD_DIM)
-            delta = _delta(O, DO, rows, stride_os, do, S, HEAD_DIM)
             lse2 = tl.load(LSE + rows, mask=rows < S, other=0.0) * 1.4426950408889634  # to the exp2 domain
+            delta = tl.load(DELTA + rows, mask=rows < S, other=0.0)
             qkT = _dot(k, tl.trans(q), DOT_IN_FP32) * qk_scale  # (BLOCK_N, BLOCK_M)
             # recompute the probabilities from the saved logsumexp; -inf first so masked scores never overflow
             pT = tl.exp2(tl.where(_allowed(cols, rows, S, prefix_len, SUDOKU_MASK), qkT, float("-inf")) - lse2[None, :])
@@ -342,11 +335,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _attention_bwd_dq_kernel(
-        Q, K, V, O, DO, LSE, DQ,
+        Q, K, V, DO, LSE, DELTA, DQ,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
-        stride_ob, stride_os, stride_oh,
         stride_dob, stride_dos, stride_doh,
         stride_gb, stride_gs, stride_gh,
         H, S, prefix_len, qk_scale, sm_scale,
@@ -359,14 +351,14 @@ if HAS_TRITON:
         Q += _head_start(pid_bh, H, stride_qb, stride_qh)
         K += _head_start(pid_bh, H, stride_kb, stride_kh)
         V += _head_start(pid_bh, H, stride_vb, stride_vh)
-        O += _head_start(pid_bh, H, stride_ob, stride_oh)
         DO += _head_start(pid_bh, H, stride_dob, stride_doh)
         DQ += _head_start(pid_bh, H, stride_gb, stride_gh)
         LSE += pid_bh.to(tl.int64) * S
+        DELTA += pid_bh.to(tl.int64) * S
         q = _load_tile(Q, rows, stride_qs, S, HEAD_DIM)
         do = _load_tile(DO, rows, stride_dos, S, HEAD_DIM)
-        delta = _delta(O, DO, rows, stride_os, do, S, HEAD_DIM)
         lse2 = tl.load(LSE + rows, mask=rows < S, other=0.0) * 1.4426950408889634  # to the exp2 domain
+        delta = tl.load(DELTA + rows, mask=rows < S, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start_n in range(0, S, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
@@ -466,13 +458,15 @@ def _(q, k, v, mask):
 
 
 @torch.library.custom_op("nanohrm::attention_bwd", mutates_args=())
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv, each (B, S, H, D) in q's dtype, given do = dLoss/do and the forward's o and lse."""
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                  delta: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq, dk, dv, each (B, S, H, D) in q's dtype, given do = dLoss/do, the forward's lse and
+    delta = rowsum(do * o), both (B, H, S) fp32."""
     _check_can_launch(q)
     B, S, H, D = q.shape
     sudoku_mask, prefix_len = _mask_args(mask, S)
-    do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
+    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
+    lse, delta = lse.contiguous(), delta.contiguous()
     dq, dk, dv = (torch.empty((B, S, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
     cfg = _launch_settings(S, D, q.dtype)
     sm_scale = 1.0 / math.sqrt(D)
@@ -480,7 +474,6 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),  # dq, dk and dv share one contiguous layout
         H, S, prefix_len, sm_scale * 1.4426950408889634, sm_scale,
@@ -490,14 +483,14 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     with torch.cuda.device_of(q):
         _attention_bwd_dkdv_kernel[(B * H * triton.cdiv(S, cfg["bwd_block_n"]),)](
-            q, k, v, o, do, lse, dk, dv, *common, **constants)
+            q, k, v, do, lse, delta, dk, dv, *common, **constants)
         _attention_bwd_dq_kernel[(B * H * triton.cdiv(S, cfg["bwd_block_m"]),)](
-            q, k, v, o, do, lse, dq, *common, **constants)
+            q, k, v, do, lse, delta, dq, *common, **constants)
     return dq, dk, dv
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, mask):
+def _(do, q, k, v, lse, delta, mask):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -514,7 +507,11 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_backward(ctx, do, dlse):
     # dlse is unused: lse is non-differentiable
     q, k, v, o, lse, mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, mask)
+    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the term softmax's backward subtracts from every dP_ij; in
+    # fp32, where products of bf16 values are exact. Outside the op so that torch.compile fuses it into one
+    # reduction (eager PyTorch makes fp32 copies first: ~7x the bytes, see docs/benchmarks.md).
+    delta = (o.float() * do.float()).sum(-1).transpose(1, 2)  # (B, H, S)
+    dq, dk, dv = attention_bwd(do, q, k, v, lse, delta, mask)
     return dq, dk, dv, None
 
 
@@ -787,10 +784,11 @@ class HRM(nn.Module):
         segments = segments or self.config.halt_max_steps
         B, K, device = puzzles.shape[0], views, puzzles.device
         N = B * K  # rows are puzzle-major: row b*K + k is view k of puzzle b
-        symmetry = sudoku.random_symmetry(N, generator, device)
-        identity = sudoku.identity_symmetry(B, device)
-        for part, first in zip(symmetry, identity):
-            part.view(B, K, -1)[:, 0] = first
+        symmetry = sudoku.identity_symmetry(N, device)
+        if K > 1:  # (one view draws nothing, so the paper's eval leaves every random stream alone)
+            symmetry = sudoku.random_symmetry(N, generator, device)
+            for part, first in zip(symmetry, sudoku.identity_symmetry(B, device)):
+                part.view(B, K, -1)[:, 0] = first
         grids = sudoku.apply_symmetry(puzzles.long().repeat_interleave(K, dim=0), symmetry)  # (N, 81)
         tokens = grids + 1  # 1 = blank, 2..10 = digits
         z_H = self.H_init.to(self.forward_dtype).expand(N, self.config.seq_len + self.puzzle_emb_len, -1)

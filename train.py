@@ -373,7 +373,7 @@ def print_breakdown(result):
     if 'exact_acc_ttc' in result:
         print(f"  test-time: exact accuracy {result['exact_acc_ttc']:.2%} with {result['ttc_views']} views, up to "
               f"{result['ttc_segments']} segments{', checked' if result['ttc_check'] else ''} | mean segments run "
-              f"{result['ttc_steps']:.1f} | {result['ttc_puzzles_per_s']:.0f} puzzles/s")
+              f"{result['ttc_steps']:.1f} | {result['ttc_puzzles_per_s']:.3g} puzzles/s")
     for m, label in (('exact', ''), ('exact_ttc', 'test-time ')):
         for key in ('rating', 'givens'):
             parts = [(name.split('/')[1], value) for name, value in result.items() if name.startswith(f'{m}_by_{key}/')]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from model import fused_attention  # noqa: E402
+from model import HRM, HRMConfig, fused_attention, sudoku_attention_mask  # noqa: E402
 
 # allowed error per element, relative to that element and to the largest reference value (see assert_matches);
 # bf16/fp16 inputs are rounded before the reference sees them, so these bound only the kernel's own rounding
@@ -32,34 +32,28 @@ def reference_attention(q, k, v, mask):
     return o, scores.logsumexp(dim=-1)
 
 
-def sudoku_mask():
-    """(82, 82): position 0 is the prefix, which sees and is seen by all; cells 1..81 are the grid row-major,
-    each seeing the cells of its row, column and 3x3 box (itself included)."""
-    mask = torch.zeros(82, 82, dtype=torch.bool)
-    mask[0, :] = True
-    mask[:, 0] = True
+def sudoku_mask(prefix_len=1):
+    """(81 + P, 81 + P) for P = prefix_len: positions 0..P-1 are the prefix, which sees and is seen by all; the
+    cells follow, the grid row-major, each seeing the cells of its row, column and 3x3 box (itself included).
+    Built here from the grid geometry and checked against the model's sudoku_attention_mask, which is what the
+    reference then uses (the kernels never read a mask: they compute this one from positions)."""
+    S = 81 + prefix_len
+    mask = torch.zeros(S, S, dtype=torch.bool)
+    mask[:prefix_len, :] = True
+    mask[:, :prefix_len] = True
     for a in range(81):
         for b in range(81):
             (row_a, col_a), (row_b, col_b) = divmod(a, 9), divmod(b, 9)
             same_box = (row_a // 3, col_a // 3) == (row_b // 3, col_b // 3)
-            mask[1 + a, 1 + b] = row_a == row_b or col_a == col_b or same_box
-    assert (mask[1:].sum(dim=1) == 1 + 20 + 1).all()  # prefix, 20 peers, itself
-    return mask
+            mask[prefix_len + a, prefix_len + b] = row_a == row_b or col_a == col_b or same_box
+    assert (mask[prefix_len:].sum(dim=1) == prefix_len + 20 + 1).all()  # prefix, 20 peers, itself
+    model_mask = sudoku_attention_mask(prefix_len)
+    assert torch.equal(model_mask, mask)
+    return model_mask
 
 
-def random_mask(S, generator):
-    """About 30% allowed, at least one allowed key per row, stored column-major to exercise the mask strides."""
-    mask = torch.rand(S, S, generator=generator) < 0.3
-    mask[torch.arange(S), torch.randint(0, S, (S,), generator=generator)] = True
-    return mask.t().contiguous().t()
-
-
-def make_mask(kind, S, generator):
-    if kind == "sudoku":
-        return sudoku_mask()
-    if kind == "random":
-        return random_mask(S, generator)
-    return None
+def make_mask(kind, S):
+    return sudoku_mask(S - 81) if kind == "sudoku" else None
 
 
 def rebuild_qkv(qkv, like):
@@ -117,7 +111,9 @@ def check_against_reference(q, k, v, mask, leaves, generator):
 
 
 # (batch, heads, seq, head_dim, dtype, mask): every seq length, head_dim, dtype and mask kind, mixed; seq 82 is
-# HRM's (81 cells + prefix), 1/81/82/97 leave ragged tail blocks, 200 takes several forward key blocks
+# HRM's (81 cells + prefix), 1/81/82/84/97 leave ragged tail blocks, 200 takes several forward key blocks. The
+# Sudoku mask comes with 0, 1 or 3 prefix positions (seq 81, 82, 84), so the kernels' position arithmetic is
+# checked beyond the model's one prefix.
 CASES = [
     (2, 2, 1, 32, torch.float32, "none"),
     (1, 2, 16, 64, torch.float32, "none"),
@@ -127,13 +123,14 @@ CASES = [
     (1, 2, 128, 64, torch.float32, "none"),
     (1, 1, 200, 32, torch.float32, "none"),
     (1, 2, 82, 64, torch.float32, "sudoku"),
-    (1, 1, 97, 32, torch.float32, "random"),
-    (1, 1, 200, 32, torch.float32, "random"),
+    (2, 1, 81, 16, torch.float32, "sudoku"),
+    (1, 1, 84, 32, torch.float32, "sudoku"),
     (1, 2, 1, 64, torch.bfloat16, "none"),
     (1, 2, 82, 64, torch.bfloat16, "none"),
-    (1, 1, 128, 128, torch.bfloat16, "random"),
+    (1, 1, 128, 128, torch.bfloat16, "none"),
     (1, 2, 82, 128, torch.bfloat16, "sudoku"),
-    (1, 1, 16, 32, torch.float16, "random"),
+    (1, 1, 84, 16, torch.bfloat16, "sudoku"),
+    (1, 1, 16, 32, torch.float16, "none"),
     (2, 1, 81, 64, torch.float16, "none"),
     (1, 1, 82, 32, torch.float16, "sudoku"),
     (1, 1, 128, 128, torch.float16, "none"),
@@ -145,8 +142,7 @@ CASES = [
 def test_matches_float64_reference(B, H, S, D, dtype, mask_kind, poisoned_empty):
     generator = torch.Generator().manual_seed(1000 * S + D)
     q, k, v = (torch.randn(B, S, H, D, generator=generator).to(dtype).requires_grad_() for _ in range(3))
-    mask = make_mask(mask_kind, S, generator)
-    check_against_reference(q, k, v, mask, [q, k, v], generator)
+    check_against_reference(q, k, v, make_mask(mask_kind, S), [q, k, v], generator)
 
 
 @pytest.mark.parametrize("dtype,mask_kind", [(torch.float32, "sudoku"), (torch.bfloat16, "none")])
@@ -157,7 +153,7 @@ def test_fused_qkv_views(dtype, mask_kind, poisoned_empty):
     qkv = torch.randn(B, S, 3 * H * D, generator=generator).to(dtype).requires_grad_()
     q, k, v = rebuild_qkv(qkv, torch.empty(B, S, H, D))
     assert not q.is_contiguous() and q.stride() == (S * 3 * H * D, 3 * H * D, D, 1)
-    check_against_reference(q, k, v, make_mask(mask_kind, S, generator), [qkv], generator)
+    check_against_reference(q, k, v, make_mask(mask_kind, S), [qkv], generator)
 
 
 def test_mixed_layouts(poisoned_empty):
@@ -207,13 +203,76 @@ def test_torch_compile_fullgraph():
 
 def test_opcheck_custom_ops():
     # schema, fake tensor, autograd registration and aot_autograd (dynamic shapes) checks from torch.library
-    B, S, H, D = 1, 16, 1, 16
+    B, S, H, D = 1, 82, 1, 16
     generator = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(B, S, H, D, generator=generator).requires_grad_() for _ in range(3))
-    mask = random_mask(S, generator)
+    mask = sudoku_mask()
     for m in (None, mask):
         torch.library.opcheck(torch.ops.nanohrm.attention_fwd.default, (q, k, v, m))
     o, lse = torch.ops.nanohrm.attention_fwd(q.detach(), k.detach(), v.detach(), mask)
     do = torch.randn(o.shape, generator=generator)
+    delta = (o * do).sum(-1).transpose(1, 2)
     torch.library.opcheck(torch.ops.nanohrm.attention_bwd.default,
-                          (do, q.detach(), k.detach(), v.detach(), o, lse, mask))
+                          (do, q.detach(), k.detach(), v.detach(), lse, delta, mask))
+
+
+def test_rejects_masks_it_does_not_compute():
+    # the kernels compute the Sudoku mask from positions, so any other mask must fail loudly rather than
+    # silently get the Sudoku one (or none): a random mask, an all-True one at S = 82 and at S = 81, and the
+    # Sudoku mask itself after an in-place edit (the check is cached per tensor, not blind to changes)
+    B, S, H, D = 1, 82, 1, 16
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(B, S, H, D, generator=generator) for _ in range(3))
+    random_mask = torch.rand(S, S, generator=generator) < 0.3
+    random_mask[:, 0] = True
+    for mask in (random_mask, torch.ones(S, S, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="sudoku_attention_mask"):
+            fused_attention(q, k, v, mask)
+    with pytest.raises(ValueError, match="sudoku_attention_mask"):
+        fused_attention(*(t[:, 1:] for t in (q, k, v)), torch.ones(81, 81, dtype=torch.bool))
+    mask = sudoku_mask()
+    fused_attention(q, k, v, mask)
+    mask[5, 60] = True
+    with pytest.raises(ValueError, match="sudoku_attention_mask"):
+        fused_attention(q, k, v, mask)
+
+
+def test_backward_keeps_no_qkv_buffer_alive():
+    # v reaches the op as a view of the fused (B, S, 3*H*D) projection; what the op saves for the backward must
+    # not hold that whole buffer: every saved tensor's storage is at most its own size
+    B, S, H, D = 2, 82, 2, 32
+    qkv = torch.randn(B, S, 3 * H * D, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.untyped_storage().nbytes(), t.numel() * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q, k, v = rebuild_qkv(qkv, torch.empty(B, S, H, D))
+        o = fused_attention(q, k, v, sudoku_mask())
+    assert saved, "nothing saved for the backward"
+    assert all(storage <= size for _, storage, size in saved), saved
+    torch.autograd.grad(o.sum(), qkv)  # and the backward still runs from what was saved
+
+
+def routing(hidden_size, num_heads, dtype, device, attn_impl='auto'):
+    config = HRMConfig(hidden_size=hidden_size, num_heads=num_heads, H_layers=1, L_layers=1, attn_impl=attn_impl)
+    return HRM(config, dtype=dtype).uses_triton(torch.device(device))
+
+
+def test_uses_triton_routing():
+    # 'auto': the kernels on CUDA for bf16/fp16 and head_dim 16..128 a power of two, SDPA for everything else
+    # (fp32 on CUDA, odd head dims, CPU); attn_impl='triton' where they cannot run is a one-line error
+    assert routing(512, 8, torch.bfloat16, 'cuda')           # the paper model, head_dim 64
+    assert routing(64, 2, torch.float16, 'cuda')             # head_dim 32
+    assert not routing(512, 8, torch.float32, 'cuda')        # fp32 on CUDA: SDPA
+    assert not routing(96, 2, torch.bfloat16, 'cuda')        # head_dim 48
+    assert not routing(64, 8, torch.bfloat16, 'cuda')        # head_dim 8
+    assert not routing(512, 2, torch.bfloat16, 'cuda')       # head_dim 256
+    assert not routing(512, 8, torch.float32, 'cpu')
+    assert not routing(512, 8, torch.bfloat16, 'cuda', attn_impl='sdpa')
+    assert routing(64, 2, torch.float32, 'cpu', attn_impl='triton')  # under the interpreter, as these tests run
+    for args in ((512, 8, torch.float32, 'cuda'), (96, 2, torch.bfloat16, 'cuda'), (64, 8, torch.bfloat16, 'cuda')):
+        with pytest.raises(ValueError, match="attn_impl='triton'"):
+            routing(*args, attn_impl='triton')

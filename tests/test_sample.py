@@ -127,6 +127,8 @@ def good(checkpoint, test_puzzles, tmp_path_factory):
         'csv json': (['--json', f'--file={csv_file}'], None),
         'csv': ([f'--file={csv_file}'], None),
         'trace': (['--trace', f'--puzzle={p[0]}'], None),  # also the '.' spelling of p[0]
+        'views': (['--json', '--views=4', '--check=False', '--segments=2', f'--file={csv_file}'], None),
+        'views trace': (['--trace', '--views=3', f'--puzzle={p[0]}'], None),
     }
     results = run_all(cases, checkpoint)
     for result in results.values():
@@ -158,7 +160,8 @@ def test_built_in_example_json(good):
     objects = [json.loads(line) for line in good['example'].stdout.splitlines()]
     assert len(objects) == 1
     obj = objects[0]
-    assert set(obj) == {'puzzle', 'solution', 'valid', 'consistent', 'steps'}
+    assert set(obj) == {'puzzle', 'solution', 'valid', 'consistent', 'steps', 'view'}
+    assert re.fullmatch('[1-9]{81}', obj['solution'])  # always digits, however weak the model
     assert obj['puzzle'] == EXAMPLE
     assert obj['steps'] == 2  # --segments=2 runs exactly two
     assert (obj['valid'], obj['consistent']) == check(EXAMPLE, obj['solution'])
@@ -189,6 +192,27 @@ def test_dataset_csv_reports_accuracy(good, test_puzzles):
     assert 'HRM answer' not in plain
     assert f"exact accuracy {exact / 8:.2%} ({exact}/8) | valid {valid / 8:.2%}" in plain
     assert re.search(r'\d+ puzzles/s on cpu', plain)
+    # both numbers, never mixed: the paper's (1 view, every segment, no check) and the test-time one
+    paper = next(line for line in plain.splitlines() if line.startswith('paper metric'))
+    assert paper.startswith(f'paper metric (1 view, {HALT_MAX_STEPS} segments, no check): exact accuracy')
+    assert next(line for line in plain.splitlines() if line.startswith('test-time (1 view, up to'))
+
+
+def test_views_answers_check_and_are_digits(good, test_puzzles):
+    # 4 symmetric views, 2 segments, no early stop: every answer is 81 digits, 'valid' and 'consistent'
+    # agree with the independent checker, and a puzzle's answer came from a view that checks or the vote
+    objects = [json.loads(line) for line in good['views'].stdout.splitlines()]
+    assert [o['puzzle'] for o in objects] == [q for q, _, _ in test_puzzles]
+    for o in objects:
+        assert re.fullmatch('[1-9]{81}', o['solution'])
+        valid, consistent = check(o['puzzle'], o['solution'])
+        assert (o['valid'], o['consistent']) == (valid, consistent)
+        assert o['steps'] == 2 and -1 <= o['view'] < 4
+        if o['view'] >= 0 and o['view'] != 0:
+            assert valid and consistent  # a view other than the first wins only by checking
+    summary = good['views'].stderr
+    assert 'paper metric (1 view, 2 segments, no check)' in summary
+    assert 'test-time (4 views, up to 2 segments)' in summary
 
 
 def test_trace_shows_each_segment(good, test_puzzles):
@@ -200,6 +224,11 @@ def test_trace_shows_each_segment(good, test_puzzles):
         assert re.match(rf'segment +{t}: [1-9.]{{81}} +\d+ cells changed', line), line
     assert '81 cells changed' in lines[0]
     assert lines[-1].split()[2] == answer_from_text(stdout)  # the last segment's grid is the answer shown
+    # with views: each segment says how many views' answers check, and the status line where the answer came from
+    stdout = good['views trace'].stdout
+    lines = [line for line in stdout.splitlines() if line.startswith('segment ')]
+    assert lines and all(re.search(r'\((\d)/3 views check\)', line) for line in lines)
+    assert re.search(r'answer from view [123] of 3|no view checks: per-cell vote over 3 views', stdout)
 
 
 # bad input ----------------------------------------------------------------------------------------------
@@ -223,13 +252,17 @@ def bad(checkpoint, test_puzzles, tmp_path_factory):
         'binary file': ([f'--file={binary}'], None, 'cannot read'),
         'bad batch size': (['--batch_size=0'], None, 'batch_size'),
         'bad device': (['--device=nosuchdevice'], None, "device='nosuchdevice'"),
+        'empty puzzle': (['--puzzle='], None, '81 cells'),
+        'bad views': (['--views=0'], None, 'views'),
+        'bad dtype': (['--dtype=float8'], None, 'dtype'),
     }
     results = run_all({name: (args, stdin) for name, (args, stdin, _) in cases.items()}, checkpoint)
     return {name: (results[name], cases[name][2]) for name in cases}
 
 
 @pytest.mark.parametrize('case', ['wrong length', 'illegal character', 'conflicting givens', 'missing checkpoint',
-                                  'missing file', 'binary file', 'bad batch size', 'bad device'])
+                                  'missing file', 'binary file', 'bad batch size', 'bad device', 'empty puzzle',
+                                  'bad views', 'bad dtype'])
 def test_bad_input_is_one_error_line(bad, case):
     result, expected = bad[case]
     assert result.returncode == 2, result.stderr

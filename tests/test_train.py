@@ -33,6 +33,7 @@ FIXED = TINY + ['--act=fixed', '--attn_mask=sudoku', '--q_target=False', '--loss
 # The paper's mode. lr_min_ratio=1.0 keeps the lr constant after warmup, so the schedule does not
 # depend on max_iters and a run cut at N/2 then resumed to N sees the same lr at every step.
 PAPER = TINY + ['--act=q', '--q_target=True', '--halt_exploration_prob=0.5', '--lr_min_ratio=1.0']
+TTC = ['--eval_views=3', '--eval_check=True']
 FIXED_STEPS, PAPER_STEPS = 20, 10  # PAPER_STEPS / 2 = 5 is not a multiple of halt_max_steps = 3: rows are mid-puzzle there
 
 
@@ -96,8 +97,10 @@ def assert_close_params(a, b, rtol=1e-4, atol=1e-5):
 @pytest.fixture(scope='module')
 def fixed_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('fixed')
-    # with EMA weights: evals, eval_only and the checkpoint's 'ema' must all use them
-    result = ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={out}', f'--max_iters={FIXED_STEPS}', '--ema=0.9'))
+    # with EMA weights: evals, eval_only and the checkpoint's 'ema' must all use them; with test-time
+    # compute on, so the logged exact_acc can be compared with an eval_only run that has it off
+    result = ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={out}', f'--max_iters={FIXED_STEPS}', '--ema=0.9',
+                      *TTC))
     return out, result
 
 
@@ -145,18 +148,30 @@ def test_smoke_loss_falls_and_outputs_are_written(fixed_run, data_dir):
     assert got_givens == want_givens and got_ratings == want_ratings
     by_bin_right = sum(v[0] * v[1] for k, v in ev.items() if k.startswith('exact_by_givens/'))
     assert abs(by_bin_right - ev['exact_acc'] * 32) < 1e-6
+    # the test-time metric beside it, with its own breakdown and settings
+    assert 0 <= ev['exact_acc_ttc'] <= 1 and ev['ttc_views'] == 3 and ev['ttc_check'] and ev['ttc_segments'] == 3
+    assert 1 <= ev['ttc_steps'] <= 3 and ev['ttc_puzzles_per_s'] > 0
+    ttc_by_bin = sum(v[0] * v[1] for k, v in ev.items() if k.startswith('exact_ttc_by_rating/'))
+    assert abs(ttc_by_bin - ev['exact_acc_ttc'] * 32) < 1e-6
 
     # eval_failures.csv: one row per wrong test answer, each row consistent with the test set
     with open(out / 'eval_failures.csv', newline='') as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ['puzzle', 'prediction', 'solution', 'rating', 'givens', 'n_wrong', 'wrong_cells']
-    assert len(rows) - 1 == round(32 * (1 - ev['exact_acc']))
+    assert rows[0] == ['puzzle', 'prediction', 'solution', 'rating', 'givens', 'n_wrong', 'wrong_cells',
+                       'ttc_prediction', 'ttc_n_wrong']
+    # one row per puzzle that either metric got wrong
+    assert len(rows) - 1 == len({r[0] for r in rows[1:]})
+    assert round(32 * (1 - ev['exact_acc'])) == sum(r[1] != r[2] for r in rows[1:])
+    assert round(32 * (1 - ev['exact_acc_ttc'])) == sum(r[7] != r[2] for r in rows[1:])
     known = {sudoku.grid_to_string(r[:81]): sudoku.grid_to_string(r[81:]) for r in test}
-    for puzzle, prediction, solution, rating, n_givens, n_wrong, wrong_cells in rows[1:]:
+    for puzzle, prediction, solution, rating, n_givens, n_wrong, wrong_cells, ttc_prediction, ttc_n_wrong in rows[1:]:
         assert known[puzzle] == solution
+        assert prediction != solution or ttc_prediction != solution
+        assert all(ch in '123456789' for ch in prediction + ttc_prediction) and len(ttc_prediction) == 81
         wrong = [i for i in range(81) if prediction[i] != solution[i]]
-        assert int(n_wrong) == len(wrong) > 0
+        assert int(n_wrong) == len(wrong)
         assert wrong_cells.split() == [f'r{i // 9 + 1}c{i % 9 + 1}' for i in wrong]
+        assert int(ttc_n_wrong) == sum(a != b for a, b in zip(ttc_prediction, solution))
         assert int(n_givens) == sum(ch != '.' for ch in puzzle)
 
     # the checkpoint loads into a fresh model of the saved architecture
@@ -357,6 +372,13 @@ def test_eval_only_prints_the_breakdown(fixed_run, data_dir, tmp_path):
     assert '| 32 puzzles' in summary
     assert 'step ' not in result.stdout  # no training
     assert (out / 'eval_failures.csv').exists()
+    assert 'test-time' not in result.stdout  # off unless asked for
+    # with test-time compute on, the paper's number is the same and the test-time one comes beside it
+    result = ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_only=True', *TTC))
+    lines = result.stdout.splitlines()
+    assert f"exact accuracy {ev['exact_acc']:.2%} | cell accuracy {ev['cell_acc']:.2%}" in lines[1]
+    assert f"  test-time: exact accuracy {ev['exact_acc_ttc']:.2%} with 3 views, up to 3 segments, checked" in lines[2]
+    assert any(line.startswith('  test-time by rating:') for line in lines)
 
 
 # 7. non-finite loss -----------------------------------------------------------------------------------------------
