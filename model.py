@@ -886,7 +886,9 @@ def cross_entropy(logits, labels, kind):
         return F.cross_entropy(logits.float().transpose(1, 2), labels.long(), reduction='none')
     wide = torch.float32 if logits.device.type == 'mps' else torch.float64
     x = logits.to(wide)
-    s = torch.where(x < 0, 1 / (1 - x), x + 1)
+    # clamp: the branch where() discards must stay finite, or its infinite gradient at x = 1 (common in bf16)
+    # times where()'s zero makes NaN
+    s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x + 1)
     log_probs = torch.log(s / s.sum(-1, keepdim=True))
     return -log_probs.gather(-1, labels.long()[..., None]).squeeze(-1).float()
 

@@ -504,8 +504,10 @@ while step < max_steps:
         puzzles_seen += int(values['count'])
         if not math.isfinite(values['loss']):
             if master_process:
-                print(f"error: loss is {values['loss']} at step {step}; stopping. The last good checkpoint "
-                      f"({ckpt_path}) is untouched; try a lower lr{'' if dtype == 'float32' else ' or dtype=float32'}.", file=sys.stderr)
+                kept = (f"the last good checkpoint ({ckpt_path}) is untouched" if os.path.exists(ckpt_path)
+                        else "no checkpoint was written")
+                print(f"error: loss is {values['loss']} at step {step}; stopping, {kept}; try a lower lr"
+                      f"{'' if dtype == 'float32' else ' or dtype=float32'}.", file=sys.stderr)
             exit_code = 1
             break
         record = {'step': step, 'epoch': step / steps_per_epoch, 'lr': get_lr(step - 1, lr),

@@ -187,6 +187,20 @@ def test_stablemax_cross_entropy_against_float64_formula():
     torch.testing.assert_close(cross_entropy(logits, labels, 'softmax').double(), expected_softmax, rtol=1e-5, atol=1e-5)
 
 
+def test_stablemax_gradient_is_finite_where_logits_are_exactly_one():
+    # bf16 logits are often exactly 1.0, where the discarded branch 1/(1-x) of stablemax is infinite; its
+    # gradient times where()'s zero must not turn into NaN (it did, on the first GPU run)
+    logits = torch.tensor([[[1.0, -1.0, 0.0, 2.0, 1.0]]], dtype=torch.bfloat16, requires_grad=True)
+    cross_entropy(logits, torch.tensor([[3]]), 'stablemax').sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # and the gradient is the float64 formula's: d/dx of -log(s_3 / sum s), s = x + 1 for x >= 0, 1/(1-x) below
+    x = logits.detach().double().flatten()
+    s = torch.where(x < 0, 1 / (1 - x), x + 1)
+    ds = torch.where(x < 0, 1 / (1 - x) ** 2, torch.ones_like(x))
+    expected = ds / s.sum() - torch.eye(5, dtype=torch.float64)[3] * ds / s
+    assert torch.allclose(logits.grad.double().flatten(), expected, rtol=1e-2, atol=1e-3)
+
+
 def test_loss_terms_and_metrics():
     torch.manual_seed(0)
     model = HRM(HRMConfig(**TINY))
