@@ -809,7 +809,8 @@ class HRM(nn.Module):
             stop = None
             if check:
                 valid, consistent = sudoku.check_grids(grids[rows], answer)
-                solved = torch.zeros(B, dtype=torch.bool, device=device).index_put_((rows // K,), valid & consistent)
+                # summed, not index_put: several views of one puzzle share its index, and writes to one index race
+                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, (valid & consistent).int()) > 0
                 stop = solved[rows // K]  # every view of a solved puzzle stops
             if halt and q_logits is not None:
                 wants_halt = q_logits[:, 0] > q_logits[:, 1]

@@ -331,6 +331,17 @@ def test_checked_answer_is_the_known_solution():
     assert (result.steps[result.checked] < 8).any()
 
 
+def test_a_puzzle_stops_when_any_of_its_views_checks():
+    # only view 1 of 4 answers right, from the first segment: the check must stop the whole puzzle there
+    puzzles, solutions = unique_puzzles(4, seed=2)
+    junk = torch.ones(81, dtype=torch.long)
+    table = per_view(puzzles, 4, seed=3, pick=lambda b, k: solutions[b] if k == 1 else junk)
+    model = StubHRM(lambda cells, t: table[bytes(cells.tolist())]).eval()
+    result = model.solve(puzzles, segments=5, views=4, check=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(result.grids, solutions) and (result.view == 1).all()
+    assert (result.steps == 1).all() and model.calls == [16]
+
+
 def test_a_checking_view_beats_a_majority_that_does_not_check():
     # views 0 and 1 agree on a wrong answer (a valid grid that breaks the givens: two digits swapped),
     # view 2 answers right; the vote would pick the wrong one, the check must pick view 2
