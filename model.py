@@ -114,11 +114,15 @@ def rotary_tables(seq_len, head_dim, theta):
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, S, H, D); rotation computed in fp32, as the reference does
+    # x: (B, S, H, D); rotation computed in fp32, as the reference does.
+    # rotate_half(x) * sin = cat(x2, x1) * cat(-sin1, sin2): the sign goes on the (S, D) table instead of a
+    # negated copy of x, and the sum accumulates in place (on CPU each full-size temporary is a pass over memory)
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    sin1, sin2 = sin.chunk(2, dim=-1)
+    signed_sin = torch.cat((-sin1, sin2), dim=-1)
+    rotated = torch.cat((x2, x1), dim=-1)
+    return (x32 * cos[:, None, :]).addcmul_(rotated, signed_sin[:, None, :]).to(x.dtype)
 
 
 def sudoku_attention_mask(puzzle_emb_len=1):
@@ -562,8 +566,12 @@ class SwiGLU(nn.Module):
         self.down_proj = CastedLinear(inter, config.hidden_size)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)      # 2 x (B, S, inter), views of one buffer
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        # Without autograd nothing reads gate again, so silu and the product overwrite it: two fewer
+        # (B, S, inter) temporaries in the no-grad updates, which are most of a segment's work
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class Block(nn.Module):
@@ -810,7 +818,8 @@ class HRM(nn.Module):
             if check:
                 valid, consistent = sudoku.check_grids(grids[rows], answer)
                 # summed, not index_put: several views of one puzzle share its index, and writes to one index race
-                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, (valid & consistent).int()) > 0
+                checks = (valid & consistent).int()
+                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, checks) > 0
                 stop = solved[rows // K]  # every view of a solved puzzle stops
             if halt and q_logits is not None:
                 wants_halt = q_logits[:, 0] > q_logits[:, 1]

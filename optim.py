@@ -101,7 +101,8 @@ class AdamATan2(torch.optim.Optimizer):
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.lerp_(grad * grad, 1 - beta2)
             denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** t))
-            update = torch.atan2(exp_avg, denom).mul_(-lr / (1 - beta1 ** t))
+            # atan2 written into denom, as the foreach path does: one param-sized buffer per tensor, not two
+            update = torch.atan2(exp_avg, denom, out=denom).mul_(-lr / (1 - beta1 ** t))
             param.add_(update)
             if param is not p:
                 p.copy_(param)  # round to the param's dtype once, after the whole update
