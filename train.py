@@ -121,6 +121,8 @@ if ptdtype is None:
     fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
 if ptdtype == torch.float16:  # its 5-bit exponent underflows small gradients unless the loss is scaled
     fail("dtype='float16' needs loss scaling, which train.py does not do: use bfloat16 (or float32)")
+if eval_views < 1:
+    fail(f"eval_views={eval_views} must be >= 1")
 if global_batch_size % (world_size * gradient_accumulation_steps):
     fail(f"global_batch_size={global_batch_size} is not divisible by world_size*gradient_accumulation_steps="
          f"{world_size * gradient_accumulation_steps}")
@@ -247,7 +249,10 @@ if checkpoint is not None and not eval_only:
         print(f"resumed from {ckpt_path} at step {step}")
 checkpoint = None  # free memory
 
-uses_triton = model.uses_triton(torch.device(device))
+try:  # forcing the kernel where it cannot run (attn_impl='triton' with fp32 on CUDA, say) is a one-line error
+    uses_triton = model.uses_triton(torch.device(device))
+except (ValueError, RuntimeError) as e:
+    fail(str(e))
 if compile and device_type == 'cuda' and not eval_only:
     model = torch.compile(model)
 if ddp:

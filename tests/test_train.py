@@ -323,6 +323,8 @@ def error_runs(data_dir, tmp_path_factory):
         'bad init_from': ([*good, '--init_from=pretrained'], "init_from='pretrained'"),
         'resume without checkpoint': ([*good, '--init_from=resume', f'--out_dir={tmp / "empty"}'], 'no checkpoint at'),
         'bad device': ([*good, '--device=nosuchdevice'], "device='nosuchdevice'"),
+        'float16': ([*good, '--dtype=float16'], "dtype='float16' needs loss scaling"),
+        'bad eval_views': ([*good, '--eval_views=0'], 'eval_views=0 must be >= 1'),
     }
     procs = {name: subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=run_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, (args, _) in cases.items()}
@@ -332,7 +334,7 @@ def error_runs(data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize('case', ['unknown key', 'type mismatch float', 'type mismatch bool', 'None for a float',
                                   'missing config file', 'missing data dir', 'bad init_from', 'resume without checkpoint',
-                                  'bad device'])
+                                  'bad device', 'float16', 'bad eval_views'])
 def test_config_errors_are_one_line(error_runs, case):
     ((stdout, stderr), code), expected = error_runs[case]
     assert code != 0
