@@ -818,8 +818,8 @@ class HRM(nn.Module):
             if check:
                 valid, consistent = sudoku.check_grids(grids[rows], answer)
                 # summed, not index_put: several views of one puzzle share its index, and writes to one index race
-                checks = (valid & consistent).int()
-                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, checks) > 0
+                ok = (valid & consistent).int()
+                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, ok) > 0
                 stop = solved[rows // K]  # every view of a solved puzzle stops
             if halt and q_logits is not None:
                 wants_halt = q_logits[:, 0] > q_logits[:, 1]
