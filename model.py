@@ -52,6 +52,8 @@ class HRMConfig:
     grad_mode: str = '1step'      # '1step': only the last L and H update get gradient | 'full': backprop the segment
     attn_mask: str = 'none'       # 'none': full attention | 'sudoku': each cell sees its row, column and box peers
     loss: str = 'stablemax'       # 'stablemax' (paper) | 'softmax'
+    label_smoothing: float = 0.0  # weight of the uniform target over the 9 digits in the loss (paper: 0)
+    shared_levels: bool = False   # one network for both levels, as TRM (the paper: separate H and L modules)
     attn_impl: str = 'auto'       # 'auto': Triton kernel on CUDA, SDPA elsewhere | 'triton' | 'sdpa'
 
     def __post_init__(self):
@@ -64,6 +66,10 @@ class HRMConfig:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.halt_max_steps < 1 or min(self.H_cycles, self.L_cycles, self.H_layers, self.L_layers) < 1:
             raise ValueError("halt_max_steps, H/L_cycles and H/L_layers must all be >= 1")
+        if self.shared_levels and self.H_layers != self.L_layers:
+            raise ValueError(f"shared_levels needs H_layers == L_layers (got {self.H_layers} and {self.L_layers})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
 
 
 # -----------------------------------------------------------------------------
@@ -629,7 +635,7 @@ class HRM(nn.Module):
         # Zero init as in the reference; it is trained by sign-SGD (optim.SignSGD), not Adam.
         self.puzzle_emb = nn.Parameter(torch.zeros(1, D))
         self.H_level = ReasoningModule(config, config.H_layers)
-        self.L_level = ReasoningModule(config, config.L_layers)
+        self.L_level = self.H_level if config.shared_levels else ReasoningModule(config, config.L_layers)
         self.lm_head = CastedLinear(D, config.vocab_size)
         if config.act == 'q':
             self.q_head = CastedLinear(D, 2, bias=True)
@@ -750,7 +756,7 @@ class HRM(nn.Module):
         """Summed over the batch (the caller divides by the global batch size). Metrics are device
         tensors of sums over the rows that halted this step, so reading them needs no sync here."""
         logits, labels = outputs['logits'], carry.labels
-        lm_loss = cross_entropy(logits, labels, self.config.loss).mean(-1).sum()  # each puzzle averaged over its 81 cells
+        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()  # each puzzle averaged over its 81 cells
         with torch.no_grad():
             cell_correct = logits.argmax(-1) == labels                            # (B, 81)
             exact = cell_correct.all(-1)                                          # (B,)
@@ -887,20 +893,24 @@ def load_checkpoint(path, device, dtype=None):
     return model.to(device).eval(), run_config
 
 
-def cross_entropy(logits, labels, kind):
-    """Per-cell cross entropy, (B, 81). Stablemax (the paper's choice) replaces exp with a function
+def cross_entropy(logits, labels, kind, smoothing=0.0):
+    """Per-cell cross entropy, (B, 81), against the label mixed with weight `smoothing` of a uniform target over
+    the 9 digit tokens (label smoothing; the pad and blank tokens are never answers). Stablemax (the paper's choice) replaces exp with a function
     that grows linearly for x >= 0 and as 1/(1-x) below, which avoids the softmax collapse that
     plain softmax hits late in small-data training. Computed in float64 as the reference does
     (the logits are tiny: B x 81 x 11); mps has no float64, so it uses float32 there."""
     if kind == 'softmax':
-        return F.cross_entropy(logits.float().transpose(1, 2), labels.long(), reduction='none')
-    wide = torch.float32 if logits.device.type == 'mps' else torch.float64
-    x = logits.to(wide)
-    # clamp: the branch where() discards must stay finite, or its infinite gradient at x = 1 (common in bf16)
-    # times where()'s zero makes NaN
-    s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x + 1)
-    log_probs = torch.log(s / s.sum(-1, keepdim=True))
-    return -log_probs.gather(-1, labels.long()[..., None]).squeeze(-1).float()
+        log_probs = F.log_softmax(logits.float(), -1)
+    else:
+        x = logits.to(torch.float32 if logits.device.type == 'mps' else torch.float64)
+        # clamp: the branch where() discards must stay finite, or its infinite gradient at x = 1 (common in
+        # bf16) times where()'s zero makes NaN
+        s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x + 1)
+        log_probs = torch.log(s / s.sum(-1, keepdim=True))
+    nll = -log_probs.gather(-1, labels.long()[..., None]).squeeze(-1)
+    if smoothing:
+        nll = (1 - smoothing) * nll - smoothing * log_probs[..., 2:].mean(-1)
+    return nll.float()
 
 
 # -----------------------------------------------------------------------------

@@ -411,6 +411,18 @@ def augment(puzzles, solutions, generator=None):
     symmetry = random_symmetry(puzzles.shape[0], generator, puzzles.device)
     return apply_symmetry(puzzles, symmetry), apply_symmetry(solutions, symmetry)
 
+
+def reveal(puzzles, solutions, min_givens, generator=None):
+    """Easier versions of puzzles, for a curriculum: a row with fewer than min_givens givens gets random blank
+    cells filled in from its solution until it has min_givens (a unique-solution puzzle stays unique, with the
+    same solution). puzzles, solutions: (B, 81) integer tensors, 0 = blank. Returns a new puzzles tensor."""
+    blank = puzzles == 0
+    need = (min_givens - (~blank).sum(1, keepdim=True)).clamp(min=0)
+    # the blanks of each row in a random order (givens sort last); the first `need` of them are revealed
+    order = torch.rand(puzzles.shape, generator=generator, device=puzzles.device).masked_fill(~blank, 2.0)
+    rank = order.argsort(1).argsort(1)
+    return torch.where(blank & (rank < need), solutions, puzzles)
+
 # -----------------------------------------------------------------------------
 # difficulty bins over ratings (see RATING_BINS)
 

@@ -57,6 +57,9 @@ gradient_accumulation_steps = 1  # micro-batches per process per step, each with
 epochs = 20000              # one epoch = one pass over the training puzzles
 max_iters = 0               # total steps; 0 = epochs * train puzzles / global_batch_size
 augment = True              # a random Sudoku symmetry per puzzle per draw
+curriculum_givens = 0       # > 17: training puzzles start filled in from their solutions up to this many givens,
+curriculum_frac = 0.5       # a minimum that falls linearly to 17 (the puzzles as they are) over this fraction of max_steps,
+curriculum_pace = 0.0       # or, if > 0, by one after each log interval whose train exact accuracy reaches this
 # optimizer (AdamATan2 for the network, sign-SGD for the puzzle embedding, as the reference)
 lr = 1e-4
 puzzle_emb_lr = 1e-4
@@ -123,6 +126,9 @@ if ptdtype == torch.float16:  # its 5-bit exponent underflows small gradients un
     fail("dtype='float16' needs loss scaling, which train.py does not do: use bfloat16 (or float32)")
 if eval_views < 1:
     fail(f"eval_views={eval_views} must be >= 1")
+if not (0 <= curriculum_givens <= 81 and 0 < curriculum_frac <= 1 and 0 <= curriculum_pace <= 1):
+    fail(f"curriculum_givens={curriculum_givens} must be in 0..81, curriculum_frac={curriculum_frac} in (0, 1] "
+         f"and curriculum_pace={curriculum_pace} in [0, 1]")
 if global_batch_size % (world_size * gradient_accumulation_steps):
     fail(f"global_batch_size={global_batch_size} is not divisible by world_size*gradient_accumulation_steps="
          f"{world_size * gradient_accumulation_steps}")
@@ -180,8 +186,19 @@ def next_indices(n):
     return np.concatenate(parts)
 
 
-def get_batch():
-    """This process's micro-batches of one global batch: a list of (inputs, labels, min_halt_steps).
+paced_givens = curriculum_givens  # the paced curriculum's minimum (checkpointed)
+
+
+def curriculum_min_givens(it):
+    """The curriculum's minimum givens at step it; 17 or less leaves the puzzles as they are."""
+    if curriculum_givens <= 17 or curriculum_pace > 0:
+        return paced_givens
+    progress = min(1.0, it / max(1.0, curriculum_frac * max_steps))
+    return round(curriculum_givens - (curriculum_givens - 17) * progress)
+
+
+def get_batch(it):
+    """This process's micro-batches of one global batch at step it: a list of (inputs, labels, min_halt_steps).
     Every process draws and augments the whole global batch and keeps its slice, so the run is the
     same whatever the number of processes (the draw is tiny next to the model)."""
     index = torch.from_numpy(next_indices(global_batch_size))
@@ -191,6 +208,8 @@ def get_batch():
     puzzles, solutions = rows[:, :81], rows[:, 81:]
     if augment:
         puzzles, solutions = sudoku.augment(puzzles, solutions, generator=device_rng)
+    if curriculum_min_givens(it) > 17:  # (no draw otherwise: without a curriculum the random streams are unchanged)
+        puzzles = sudoku.reveal(puzzles, solutions, curriculum_min_givens(it), generator=device_rng)
     min_halt = raw_model.exploration_draw(global_batch_size, device, device_rng) if model_config.act == 'q' else None
     inputs, labels = puzzles.long() + 1, solutions.long() + 1  # tokens: 1 = blank, 2..10 = digits
     batches = []
@@ -235,6 +254,7 @@ if checkpoint is not None and not eval_only:
     emb_optimizer.load_state_dict(checkpoint['emb_optimizer'])
     step, best_exact = checkpoint['step'], checkpoint['best_exact']
     elapsed_before, puzzles_seen = checkpoint['elapsed'], checkpoint['puzzles_seen']
+    paced_givens = checkpoint.get('paced_givens', curriculum_givens)
     order_rng.bit_generator.state = checkpoint['order_rng']
     order, cursor = checkpoint['order'], checkpoint['cursor']
     device_rng.set_state(checkpoint['device_rng'].cpu())
@@ -403,7 +423,7 @@ def save_checkpoint():
         'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'emb_optimizer': emb_optimizer.state_dict(),
         'ema': None if ema_params is None else [t.cpu() for t in ema_params],
         'config': config, 'step': step, 'best_exact': best_exact, 'elapsed': elapsed_before + time.time() - t_start,
-        'puzzles_seen': puzzles_seen, 'order_rng': order_rng.bit_generator.state, 'order': order, 'cursor': cursor,
+        'puzzles_seen': puzzles_seen, 'paced_givens': paced_givens, 'order_rng': order_rng.bit_generator.state, 'order': order, 'cursor': cursor,
         'device_rng': device_rng.get_state(), 'cpu_rng': torch.get_rng_state(), 'carry': type(carries[0])(*global_carry),
     }
     torch.save(state, ckpt_path + '.tmp')
@@ -468,7 +488,7 @@ while step < max_steps:
         group['lr'] = get_lr(step, lr)
     for group in emb_optimizer.param_groups:
         group['lr'] = get_lr(step, puzzle_emb_lr)
-    for micro, (inputs, labels, min_halt) in enumerate(get_batch()):
+    for micro, (inputs, labels, min_halt) in enumerate(get_batch(step)):
         # under DDP, gradients are all-reduced only on the last micro-batch
         sync = nullcontext() if not ddp or micro == gradient_accumulation_steps - 1 else model.no_sync()
         with sync:
@@ -521,6 +541,10 @@ while step < max_steps:
                   'train_exact_acc': values['exact_acc'] / count, 'train_cell_acc': values['cell_acc'] / count,
                   'train_steps': values['steps'] / count, 'ms_per_step': 1000 * dt, 'puzzles_per_s': global_batch_size / dt,
                   'wall_s': elapsed_before + time.time() - t_start, 'puzzles_seen': puzzles_seen}
+        if curriculum_givens > 17:
+            record['curriculum_min_givens'] = curriculum_min_givens(step - 1)
+            if curriculum_pace > 0 and record['train_exact_acc'] >= curriculum_pace:
+                paced_givens = max(17, paced_givens - 1)
         if 'q_halt_loss' in values:
             record['q_halt_loss'] = values['q_halt_loss'] / global_batch_size / window_steps
             record['q_halt_acc'] = values['q_halt_acc'] / count

@@ -287,6 +287,25 @@ def test_augment_follows_generator():
     assert ps.augment(puzzles[:0], puzzles[:0])[0].shape == (0, 81)
 
 
+def test_reveal_fills_blanks_from_the_solution_up_to_min_givens():
+    n = 3000
+    g = torch.Generator().manual_seed(6)
+    grids = torch.tensor(solved_grids(), dtype=torch.uint8)
+    solutions = grids[torch.arange(n) % len(grids)]
+    puzzles = solutions * (torch.rand(n, 81, generator=g) < torch.rand(n, 1, generator=g))  # 0..81 givens
+    for min_givens in (17, 30, 45, 81):
+        out = ps.reveal(puzzles, solutions, min_givens, generator=g)
+        before, after = (puzzles > 0).sum(1), (out > 0).sum(1)
+        assert out.dtype == puzzles.dtype
+        assert torch.equal(after, torch.maximum(before, torch.tensor(min_givens)))  # exactly as many as it says
+        assert ((out == puzzles) | (puzzles == 0)).all()                            # no given changes
+        assert ((out == solutions) | (out == 0)).all()                              # revealed cells are the solution's
+    # which blanks get revealed is random: over many draws of one puzzle, every blank is revealed sometimes
+    one = puzzles[:1].repeat(500, 1) * 0
+    hits = (ps.reveal(one, solutions[:1].repeat(500, 1), 20, generator=g) > 0).float().mean(0)
+    assert hits.min() > 0.1 and abs(hits.mean().item() - 20 / 81) < 1e-6
+
+
 def test_invert_symmetry_round_trip():
     # 10,000 random symmetries of random boards (digits and blanks): inverting the transform gives back
     # the board, cell for cell; and a symmetry that is not the identity does move something

@@ -187,6 +187,37 @@ def test_stablemax_cross_entropy_against_float64_formula():
     torch.testing.assert_close(cross_entropy(logits, labels, 'softmax').double(), expected_softmax, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('kind', ['stablemax', 'softmax'])
+def test_label_smoothing_against_float64_mixture_target(kind):
+    # cross entropy against the target (1 - e) * one-hot + e/9 on each digit token (2..10), term by term
+    torch.manual_seed(1)
+    logits, labels, e = torch.randn(2, 81, 11) * 3, torch.randint(2, 11, (2, 81)), 0.2
+    x = logits.double()
+    if kind == 'softmax':
+        p = torch.exp(x) / torch.exp(x).sum(-1, keepdim=True)
+    else:
+        s = torch.where(x < 0, 1 / (1 - x), x + 1)
+        p = s / s.sum(-1, keepdim=True)
+    target = (1 - e) * F.one_hot(labels, 11).double()
+    target[..., 2:] += e / 9
+    expected = -(target * torch.log(p)).sum(-1)
+    torch.testing.assert_close(cross_entropy(logits, labels, kind, e).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_levels_is_one_module():
+    shared = HRM(HRMConfig(**TINY, shared_levels=True))
+    separate = HRM(HRMConfig(**TINY))
+    assert shared.H_level is shared.L_level
+    one_level = sum(p.numel() for p in separate.L_level.parameters())
+    assert shared.num_params() == separate.num_params() - one_level
+    inputs, labels = random_tokens(2)
+    carry, out = shared(shared.initial_carry(2, 'cpu'), inputs, labels)
+    shared.loss(carry, out)[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared.L_level.parameters())
+    with pytest.raises(ValueError, match='shared_levels'):
+        HRMConfig(**{**TINY, 'H_layers': 2}, shared_levels=True)
+
+
 def test_stablemax_gradient_is_finite_where_logits_are_exactly_one():
     # bf16 logits are often exactly 1.0, where the discarded branch 1/(1-x) of stablemax is infinite; its
     # gradient times where()'s zero must not turn into NaN (it did, on the first GPU run)

@@ -245,6 +245,34 @@ def test_ddp_paper_mode_matches_one_process(paper_run, data_dir, tmp_path):
 
 # 4. signals -------------------------------------------------------------------------------------------------
 
+def test_curriculum_fills_puzzles_to_its_scheduled_givens(data_dir, tmp_path):
+    # 6 steps of 3-segment puzzles: rows load puzzles at steps 0 and 3; curriculum_frac=1 makes the minimum
+    # givens at step t round(81 - (81 - 17) * t / 6): 49 at step 3, above the data's 30-40
+    ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=6', '--curriculum_givens=81',
+             '--curriculum_frac=1.0'))
+    assert [(r['step'], r['curriculum_min_givens']) for r in records(tmp_path) if not r.get('eval')] == \
+        [(5, round(81 - 64 * 4 / 6)), (6, round(81 - 64 * 5 / 6))]
+    carry = load(tmp_path)['carry']  # the puzzles the rows are on, as the model saw them (tokens: 1 = blank)
+    puzzles, solutions = carry.inputs - 1, carry.labels - 1
+    assert ((puzzles > 0).sum(1) == 49).all()
+    for p, sol in zip(puzzles.tolist(), solutions.tolist()):
+        assert all(sorted(sol[i] for i in unit) == list(range(1, 10)) for unit in sudoku.UNITS)
+        assert all(c in (0, d) for c, d in zip(p, sol))
+
+
+def test_paced_curriculum_steps_down_after_each_interval_at_pace(data_dir, tmp_path):
+    # every cell given at first (a high lr learns to copy them within 30 steps); the minimum then falls by
+    # one after each log interval whose train exact accuracy reaches 0.5, and stays put otherwise
+    ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30', '--lr=1e-2',
+             '--curriculum_givens=81', '--curriculum_pace=0.5'))
+    log = [r for r in records(tmp_path) if not r.get('eval')]
+    expected = 81
+    for r in log:
+        assert r['curriculum_min_givens'] == expected
+        expected -= r['train_exact_acc'] >= 0.5
+    assert expected < 81 and load(tmp_path)['paced_givens'] == expected
+
+
 def test_ema_follows_its_recursion_across_a_resume(data_dir, tmp_path):
     """EMA weights (ema > 0) are saved, resumed, and updated as ema <- ema + (1 - d) (param - ema) with the
     decay d = min(ema, (1 + t) / (10 + t)) at update t (0-based), checked from two checkpoints."""
@@ -325,6 +353,7 @@ def error_runs(data_dir, tmp_path_factory):
         'bad device': ([*good, '--device=nosuchdevice'], "device='nosuchdevice'"),
         'float16': ([*good, '--dtype=float16'], "dtype='float16' needs loss scaling"),
         'bad eval_views': ([*good, '--eval_views=0'], 'eval_views=0 must be >= 1'),
+        'bad curriculum': ([*good, '--curriculum_givens=90'], 'curriculum_givens=90'),
     }
     procs = {name: subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=run_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, (args, _) in cases.items()}
@@ -334,7 +363,7 @@ def error_runs(data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize('case', ['unknown key', 'type mismatch float', 'type mismatch bool', 'None for a float',
                                   'missing config file', 'missing data dir', 'bad init_from', 'resume without checkpoint',
-                                  'bad device', 'float16', 'bad eval_views'])
+                                  'bad device', 'float16', 'bad eval_views', 'bad curriculum'])
 def test_config_errors_are_one_line(error_runs, case):
     ((stdout, stderr), code), expected = error_runs[case]
     assert code != 0

@@ -1,0 +1,46 @@
+# Hard puzzles on 2 CPU cores in an hour: the Sudoku Exchange "diabolical" puzzles (22-37 givens, from
+# ../shared/data/diabolical, see its SOURCES.md), with a curriculum that starts them filled in from their
+# solutions and takes clues away as the model learns (README, "Hard puzzles"):
+#   python train.py config/sudoku_hard_cpu.py
+# The model is the CPU default's (config/sudoku_cpu.py). Evals use the first 500 test puzzles; the full
+# 5,000: python train.py config/sudoku_hard_cpu.py --eval_only=True
+out_dir = 'out-sudoku-hard-cpu'
+data_dir = 'data/diabolical'
+prepare_args = '--source=../shared/data/diabolical --subsample_size=0'
+# model
+hidden_size = 64
+num_heads = 2
+expansion = 4.0
+H_layers = 1
+L_layers = 1
+H_cycles = 2
+L_cycles = 2
+attn_mask = 'sudoku'
+act = 'fixed'
+halt_max_steps = 6
+q_target = False
+loss = 'softmax'
+# curriculum: every puzzle filled in to at least 40 givens; one clue fewer after each log interval in which
+# the model solved half of its training puzzles
+curriculum_givens = 40
+curriculum_pace = 0.5
+# training
+global_batch_size = 32
+lr = 2e-3
+puzzle_emb_lr = 2e-3
+weight_decay = 0.1
+puzzle_emb_weight_decay = 0.1
+beta2 = 0.999
+warmup_iters = 50
+lr_min_ratio = 0.05
+max_iters = 33000
+max_minutes = 58.0
+ema = 0.999
+compile = False
+log_interval = 50
+# evals: both metrics (as given; 4 views checked) on the first 500 test puzzles every 4 epochs
+eval_interval = 4.0
+eval_max_puzzles = 500
+eval_segments = 16
+eval_views = 4
+eval_check = True
