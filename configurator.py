@@ -3,16 +3,24 @@ Poor man's configurator, after nanoGPT's. A script keeps its config as plain mod
     configure(globals(), sys.argv[1:])
 Each argument is either a config file (Python that assigns some of those globals, e.g.
 config/sudoku_1gpu.py) or --key=value. Values are parsed as Python literals (falling back to a plain
-string) and must have the type of the default. Unknown keys and type mismatches are errors; the
-caller turns ConfigError into a one-line message.
+string) and must have the type of the default. Unknown keys and type mismatches raise ConfigError, which
+the scripts turn into one line with fail().
 """
 
 import ast
 import os
+import sys
 
 
 class ConfigError(Exception):
     pass
+
+
+def fail(message, code=2):
+    """Exit with one line on stderr: for bad arguments or input a traceback would only bury the reason.
+    code 2 means bad usage, as with argparse."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def check_type(key, value, default):
@@ -25,13 +33,15 @@ def check_type(key, value, default):
         return float(value)
     elif isinstance(value, type(default)):
         return value
-    raise ConfigError(f"{key}={value!r} is a {type(value).__name__}, expected a {type(default).__name__} like the default {default!r}")
+    raise ConfigError(f"{key}={value!r} is a {type(value).__name__}, "
+                      f"expected a {type(default).__name__} like the default {default!r}")
 
 
 def configure(config, args):
     """Apply config files and --key=value overrides in order to the dict `config`, in place.
     Returns the list of keys that were set."""
-    known = {k for k, v in config.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+    known = {k for k, v in config.items()
+             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
     changed = []
     for arg in args:
         if not arg.startswith('--'):

@@ -6,9 +6,9 @@ Two recurrent transformer modules: a slow high-level module H and a fast low-lev
 gradient (the 1-step gradient). Segments repeat up to halt_max_steps times, and a Q head on z_H decides
 when to halt (adaptive computation time, ACT), trained with Q-learning targets.
 
-Read top to bottom: config, building blocks (init, norm, rotary, attention + its Triton kernel, MLP,
-block), the reasoning module, the full model (one segment, the ACT step, the loss, batch solving),
-then the FLOP count.
+Read top to bottom: config, building blocks (init, norm, rotary, attention, MLP, block), the reasoning
+module, the full model (one segment, the ACT step, the loss, batch solving), the FLOP count, and last the
+Triton attention kernels that replace FlashAttention on CUDA.
 """
 
 import math
@@ -145,11 +145,9 @@ def sudoku_attention_mask(puzzle_emb_len=1):
 
 
 # -----------------------------------------------------------------------------
-# attention: the math in PyTorch (reference and SDPA fallback), then fused as Triton kernels (forward
-# and backward) wrapped in a torch custom op. Layout everywhere is (B, S, H, D), as flash_attn_func,
-# non-causal, softmax scale 1/sqrt(D), optional boolean (S, S) mask shared by all batches and heads
-# (True = may attend). The model only ever uses no mask or the Sudoku one, and the kernels know just those:
-# they compute the Sudoku mask from positions instead of loading it.
+# attention. Layout everywhere is (B, S, H, D), as flash_attn_func, non-causal, softmax scale 1/sqrt(D), optional
+# boolean (S, S) mask shared by all batches and heads (True = may attend). PyTorch here; the fused Triton kernels
+# (fused_attention) are at the end of the file.
 
 def attention_reference(q, k, v, mask=None):
     """The math the kernel fuses, in plain PyTorch. q, k, v: (B, S, H, D); mask: (S, S) bool, True = may attend."""
@@ -167,6 +165,421 @@ def sdpa_attention(q, k, v, mask=None):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return y.transpose(1, 2)  # (B, S, H, D)
 
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention with RoPE, computed by the Triton kernels
+    (fused_attention, at the end of the file) or by PyTorch's SDPA (sdpa_attention); HRM.uses_triton picks."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.qkv_proj = CastedLinear(config.hidden_size, 3 * config.hidden_size)
+        self.o_proj = CastedLinear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, cos, sin, mask, use_triton):
+        B, S, D = x.shape
+        q, k, v = self.qkv_proj(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)  # 3 x (B, S, H, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = fused_attention(q, k, v, mask) if use_triton else sdpa_attention(q, k, v, mask)  # (B, S, H, hd)
+        return self.o_proj(y.reshape(B, S, D))
+
+
+def swiglu_width(config):
+    # 2/3 keeps the parameter count of a 4x MLP; rounding up to 256 keeps matmuls tile-friendly
+    return 256 * math.ceil(round(config.expansion * config.hidden_size * 2 / 3) / 256)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        inter = swiglu_width(config)
+        self.gate_up_proj = CastedLinear(config.hidden_size, 2 * inter)
+        self.down_proj = CastedLinear(inter, config.hidden_size)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)      # 2 x (B, S, inter), views of one buffer
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        # Without autograd nothing reads gate again, so silu and the product overwrite it: two fewer
+        # (B, S, inter) temporaries in the no-grad updates, which are most of a segment's work
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+
+
+class Block(nn.Module):
+    """Post-norm transformer block (norm after each residual add, as in HRM)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.attn = Attention(config)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, mask, use_triton):
+        x = rms_norm(x + self.attn(x, cos, sin, mask, use_triton), self.eps)
+        return rms_norm(x + self.mlp(x), self.eps)
+
+
+class ReasoningModule(nn.Module):
+    """The H or the L module: a stack of blocks whose input is the state plus an injected signal."""
+
+    def __init__(self, config, n_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config) for _ in range(n_layers))
+
+    def forward(self, z, injection, cos, sin, mask, use_triton):
+        z = z + injection
+        for layer in self.layers:
+            z = layer(z, cos, sin, mask, use_triton)
+        return z
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+def to_tokens(cells):
+    """The vocabulary: token 0 = pad (unused for Sudoku), 1 = a blank cell, 2..10 = digits 1..9. Everything
+    outside the model speaks cells (0 = blank, 1..9); answers come back as digits (HRM.solve)."""
+    return cells.long() + 1
+
+
+class Carry(NamedTuple):
+    """What persists between training steps: the recurrent states and the puzzle each row is on."""
+    z_H: torch.Tensor      # (B, S, D)
+    z_L: torch.Tensor      # (B, S, D)
+    steps: torch.Tensor    # (B,) int32 segments run on the current puzzle
+    halted: torch.Tensor   # (B,) bool: the row takes a new puzzle at the next step
+    inputs: torch.Tensor   # (B, 81) cells of the current puzzle, 0 = blank
+    labels: torch.Tensor   # (B, 81) its solution's digits
+
+
+class HRM(nn.Module):
+
+    def __init__(self, config, dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        self.forward_dtype = dtype  # bf16 on GPU, fp32 on CPU; weights stay fp32
+        D = config.hidden_size
+        self.puzzle_emb_len = 1
+        self.embed_scale = math.sqrt(D)
+        self.embed_tokens = nn.Parameter(trunc_normal_(torch.empty(config.vocab_size, D), std=1 / self.embed_scale))
+        # Sudoku has a single puzzle identifier, so the puzzle embedding is one learned prefix vector.
+        # Zero init as in the reference; it is trained by sign-SGD (optim.SignSGD), not Adam.
+        self.puzzle_emb = nn.Parameter(torch.zeros(1, D))
+        self.H_level = ReasoningModule(config, config.H_layers)
+        self.L_level = self.H_level if config.shared_levels else ReasoningModule(config, config.L_layers)
+        self.lm_head = CastedLinear(D, config.vocab_size)
+        if config.act == 'q':
+            self.q_head = CastedLinear(D, 2, bias=True)
+            with torch.no_grad():  # start near "never halt" (sigmoid(-5) = 0.007) so early training runs long
+                self.q_head.weight.zero_()
+                self.q_head.bias.fill_(-5)
+        # Fixed random initial states, shared by all puzzles (buffers: saved, not trained)
+        self.register_buffer('H_init', trunc_normal_(torch.empty(D), std=1))
+        self.register_buffer('L_init', trunc_normal_(torch.empty(D), std=1))
+        cos, sin = rotary_tables(config.seq_len + self.puzzle_emb_len, D // config.num_heads, config.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        mask = sudoku_attention_mask(self.puzzle_emb_len) if config.attn_mask == 'sudoku' else None
+        self.register_buffer('attn_mask', mask, persistent=False)
+
+    def num_params(self, with_puzzle_emb=False):
+        """The paper counts parameters without the puzzle embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if with_puzzle_emb else n - self.puzzle_emb.numel()
+
+    def uses_triton(self, device):
+        """Whether attention on `device` runs the Triton kernels (else SDPA), in this model's forward dtype.
+        'auto' takes them on CUDA where they are built and checked to run (bf16/fp16, head_dim 16..128, a power
+        of two); attn_impl='triton' where they cannot run is an error, never a silent switch to SDPA."""
+        impl = self.config.attn_impl
+        if impl == 'sdpa' or (impl == 'auto' and device.type != 'cuda'):
+            return False
+        problem = triton_attention_problem(self.config.hidden_size // self.config.num_heads, self.forward_dtype, device)
+        if impl == 'triton' and problem is not None:
+            raise ValueError(f"attn_impl='triton': {problem}")
+        return problem is None
+
+    def embed(self, cells):
+        B = cells.shape[0]
+        tokens = F.embedding(to_tokens(cells), self.embed_tokens)                  # (B, 81, D)
+        prefix = self.puzzle_emb.expand(B, -1)[:, None, :]                          # (B, 1, D)
+        return (self.embed_scale * torch.cat((prefix, tokens), dim=1)).to(self.forward_dtype)  # (B, S, D)
+
+    def segment(self, z_H, z_L, inputs):
+        """One segment: H_cycles x L_cycles updates. Returns new states, logits and Q logits."""
+        cfg = self.config
+        x = self.embed(inputs)
+        ctx = (self.rope_cos, self.rope_sin, self.attn_mask, self.uses_triton(x.device))
+        # The 1-step gradient: every update but the last L and the last H one runs without grad, so
+        # memory and backward cost do not grow with the number of cycles (the paper's O(1) memory).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_mode == 'full'):
+            for h in range(cfg.H_cycles):
+                for l in range(cfg.L_cycles):
+                    if h < cfg.H_cycles - 1 or l < cfg.L_cycles - 1:
+                        z_L = self.L_level(z_L, z_H + x, *ctx)
+                if h < cfg.H_cycles - 1:
+                    z_H = self.H_level(z_H, z_L, *ctx)
+        z_L = self.L_level(z_L, z_H + x, *ctx)
+        z_H = self.H_level(z_H, z_L, *ctx)
+        logits = self.lm_head(z_H[:, self.puzzle_emb_len:])                        # (B, 81, V)
+        q_logits = self.q_head(z_H[:, 0]).float() if cfg.act == 'q' else None       # (B, 2): halt, continue
+        return z_H, z_L, logits, q_logits
+
+    def initial_carry(self, batch_size, device):
+        S, D = self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size
+        z = torch.zeros(batch_size, S, D, dtype=self.forward_dtype, device=device)
+        tokens = torch.zeros(batch_size, self.config.seq_len, dtype=torch.long, device=device)
+        # every row starts halted, so the first step loads a puzzle into each
+        return Carry(z, z.clone(), torch.zeros(batch_size, dtype=torch.int32, device=device),
+                     torch.ones(batch_size, dtype=torch.bool, device=device), tokens, tokens.clone())
+
+    def forward(self, carry, inputs, labels, min_halt_steps=None):
+        """One ACT training step: rows that halted last step take the new puzzle (inputs: (B, 81) cells, 0 = blank;
+        labels: (B, 81) its solution's digits) and restart from the initial states; every row then runs one segment.
+        min_halt_steps (B,) is the exploration draw (see exploration_draw); train.py passes its rank's
+        slice of one global draw so DDP matches a single process. Returns the new carry and the
+        outputs for loss()."""
+        cfg = self.config
+        reset = carry.halted
+        z_H = torch.where(reset[:, None, None], self.H_init.to(self.forward_dtype), carry.z_H)
+        z_L = torch.where(reset[:, None, None], self.L_init.to(self.forward_dtype), carry.z_L)
+        steps = torch.where(reset, 0, carry.steps)
+        inputs = torch.where(reset[:, None], inputs, carry.inputs)
+        labels = torch.where(reset[:, None], labels, carry.labels)
+
+        z_H, z_L, logits, q_logits = self.segment(z_H, z_L, inputs)
+        # the carry never takes gradient into the next step: segments are trained one at a time
+        z_H, z_L = z_H.detach(), z_L.detach()
+        outputs = {'logits': logits}
+        if cfg.act == 'q':  # outside no_grad: the Q head trains through these
+            q_halt, q_continue = q_logits.unbind(-1)
+            outputs['q_halt_logits'], outputs['q_continue_logits'] = q_halt, q_continue
+        with torch.no_grad():
+            steps = steps + 1
+            is_last = steps >= cfg.halt_max_steps
+            halted = is_last
+            if cfg.act == 'q':
+                # At eval every row runs halt_max_steps segments so a batch halts together.
+                if self.training and cfg.halt_max_steps > 1:
+                    halted = halted | (q_halt > q_continue)
+                    if min_halt_steps is None:
+                        min_halt_steps = self.exploration_draw(steps.shape[0], steps.device)
+                    halted = halted & (steps >= min_halt_steps)
+                    if cfg.q_target:
+                        # Bootstrapped target for Q-continue: the value of the next segment, from a
+                        # second forward with the current weights (no replay buffer, no target net:
+                        # the large batch plays the role of many parallel environments).
+                        next_q = self.segment(z_H, z_L, inputs)[3]
+                        next_halt, next_continue = next_q.unbind(-1)
+                        outputs['target_q_continue'] = torch.sigmoid(
+                            torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
+        return Carry(z_H, z_L, steps, halted, inputs, labels), outputs
+
+    def exploration_draw(self, batch_size, device, generator=None):
+        """ACT exploration: with probability halt_exploration_prob a row must run at least a uniform
+        2..halt_max_steps segments before it may halt; other rows get 0 (no minimum)."""
+        cfg = self.config
+        explore = torch.rand(batch_size, device=device, generator=generator) < cfg.halt_exploration_prob
+        minimum = torch.randint(2, cfg.halt_max_steps + 1, (batch_size,), device=device, generator=generator)
+        return explore * minimum
+
+    def loss(self, carry, outputs):
+        """Summed over the batch (the caller divides by the global batch size). Metrics are device
+        tensors of sums over the rows that halted this step, so reading them needs no sync here."""
+        logits, labels = outputs['logits'], to_tokens(carry.labels)
+        # each puzzle averaged over its 81 cells
+        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()
+        with torch.no_grad():
+            cell_correct = logits.argmax(-1) == labels                            # (B, 81)
+            exact = cell_correct.all(-1)                                          # (B,)
+            done = carry.halted
+            metrics = {
+                'count': done.sum(),
+                'cell_acc': (cell_correct.float().mean(-1) * done).sum(),
+                'exact_acc': (exact & done).sum(),
+                'steps': (carry.steps * done).sum(),
+                'lm_loss': lm_loss.detach(),
+            }
+        loss = lm_loss
+        if 'q_halt_logits' in outputs:
+            q_halt = outputs['q_halt_logits']
+            # Q-halt learns "is the current answer entirely right"
+            q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, exact.float(), reduction='sum')
+            loss = loss + 0.5 * q_halt_loss
+            metrics['q_halt_loss'] = q_halt_loss.detach()
+            metrics['q_halt_acc'] = (((q_halt >= 0) == exact) & done).sum()
+            if 'target_q_continue' in outputs:
+                q_continue_loss = F.binary_cross_entropy_with_logits(
+                    outputs['q_continue_logits'], outputs['target_q_continue'], reduction='sum')
+                loss = loss + 0.5 * q_continue_loss
+                metrics['q_continue_loss'] = q_continue_loss.detach()
+        return loss, metrics
+
+    @torch.no_grad()
+    def solve(self, puzzles, segments=None, halt=False, views=1, check=False, trace=False, generator=None):
+        """Batch inference on (B, 81) puzzles, cells 0..9 (0 = blank). By default every row runs `segments`
+        (= halt_max_steps) segments of the puzzle as given, as the paper evaluates. Test-time compute:
+        - views=K solves K random symmetries of each puzzle (the first is the puzzle itself) as one batch;
+        - check=True stops a puzzle at the first segment where one of its views' answers is a valid grid
+          that keeps the givens: for a unique-solution puzzle that answer is the solution, so this halting
+          signal is exact, and only the rows still running are computed;
+        - halt=True stops a view where the Q head says halt (ACT), its answer frozen there.
+        Answers are digits 1..9 (the blank and pad tokens are never predicted). A puzzle's answer is that
+        of its first view whose answer checks, else a per-cell vote over its views (ties to the first
+        view). Returns a Solution; see there."""
+        segments = segments or self.config.halt_max_steps
+        B, K, device = puzzles.shape[0], views, puzzles.device
+        N = B * K  # rows are puzzle-major: row b*K + k is view k of puzzle b
+        symmetry = sudoku.identity_symmetry(N, device)
+        if K > 1:  # (one view draws nothing, so the paper's eval leaves every random stream alone)
+            symmetry = sudoku.random_symmetry(N, generator, device)
+            for part, first in zip(symmetry, sudoku.identity_symmetry(B, device)):
+                part.view(B, K, -1)[:, 0] = first
+        grids = sudoku.apply_symmetry(puzzles.long().repeat_interleave(K, dim=0), symmetry)  # (N, 81)
+        cells = grids  # the puzzles of the rows still running
+        z_H = self.H_init.to(self.forward_dtype).expand(N, self.config.seq_len + self.puzzle_emb_len, -1)
+        z_L = self.L_init.to(self.forward_dtype).expand_as(z_H)
+        preds = torch.ones_like(grids)
+        steps = torch.zeros(N, dtype=torch.int32, device=device)
+        q_halt = torch.full((N,), float('nan'), device=device) if self.config.act == 'q' else None
+        rows = torch.arange(N, device=device)  # the view each row of the running batch belongs to
+        history = []
+        for _ in range(segments):
+            z_H, z_L, logits, q_logits = self.segment(z_H, z_L, cells)
+            answer = logits[..., 2:].argmax(-1) + 1                                  # (n, 81) digits 1..9
+            preds[rows], steps[rows] = answer, steps[rows] + 1
+            if q_logits is not None:
+                q_halt[rows] = q_logits[:, 0]
+            if trace:
+                history.append(preds.clone())
+            stop = None
+            if check:
+                valid, consistent = sudoku.check_grids(grids[rows], answer)
+                # summed, not index_put: several views of one puzzle share its index, and writes to one index race
+                ok = (valid & consistent).int()
+                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, ok) > 0
+                stop = solved[rows // K]  # every view of a solved puzzle stops
+            if halt and q_logits is not None:
+                wants_halt = q_logits[:, 0] > q_logits[:, 1]
+                stop = wants_halt if stop is None else stop | wants_halt
+            if stop is not None and stop.any():  # a host sync, only on these opt-in paths
+                keep = ~stop
+                z_H, z_L, cells, rows = z_H[keep], z_L[keep], cells[keep], rows[keep]
+                if len(rows) == 0:
+                    break
+
+        answers = sudoku.invert_symmetry(preds, symmetry).view(B, K, 81)
+        valid, consistent = sudoku.check_grids(grids, preds)
+        checks = (valid & consistent).view(B, K)
+        first_checked = checks.int().argmax(1)                                     # (B,) lowest view that checks
+        counts = F.one_hot(answers - 1, 9).sum(1) * 2                              # (B, 81, 9) votes per digit
+        counts += F.one_hot(answers[:, 0] - 1, 9)                                  # ties go to the first view
+        vote = counts.argmax(-1) + 1
+        picked = answers[torch.arange(B, device=device), first_checked]
+        any_checked = checks.any(1)
+        final = torch.where(any_checked[:, None], picked, vote if K > 1 else answers[:, 0])
+        view = torch.where(any_checked | (K == 1), first_checked, -1)
+        chosen = torch.arange(B, device=device) * K + view.clamp(min=0)
+        valid, consistent = sudoku.check_grids(puzzles, final)  # a vote can check too
+        return Solution(
+            grids=final, steps=steps.view(B, K).amax(1), checked=valid & consistent,
+            view=view, q_halt=None if q_halt is None else q_halt[chosen],
+            history=sudoku.invert_symmetry(torch.stack(history).flatten(0, 1), tuple(
+                t.repeat(len(history), 1) for t in symmetry)).view(-1, B, K, 81) if trace else None)
+
+
+class Solution(NamedTuple):
+    """What HRM.solve returns, per puzzle."""
+    grids: torch.Tensor              # (B, 81) the answer, digits 1..9 in the puzzle's own cell order
+    steps: torch.Tensor              # (B,) segments run (the longest of its views)
+    checked: torch.Tensor            # (B,) bool: the answer is a valid grid that keeps the givens
+    view: torch.Tensor               # (B,) the view the answer came from; -1 = the per-cell vote
+    q_halt: Optional[torch.Tensor]   # (B,) the last q_halt logit of that view (None without a Q head)
+    history: Optional[torch.Tensor]  # (T, B, K, 81) every view's answer after each segment (trace=True)
+
+
+def load_checkpoint(path, device, dtype=None):
+    """An HRM for inference from train.py's ckpt.pt: the run's architecture, its EMA weights when it kept
+    them (what its evals scored), in eval mode on `device`. The forward dtype is the run's own ('auto': bf16
+    on CUDA, fp32 elsewhere) unless `dtype` is given. Returns (model, the run's config dict); raises
+    ValueError with a one-line reason for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    device = torch.device(device)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+        run_config = checkpoint['config']
+        model_config = HRMConfig(**{k: run_config[k] for k in HRMConfig.__dataclass_fields__})
+        if dtype is None:
+            name = run_config.get('dtype', 'auto')
+            name = name if name != 'auto' else 'bfloat16' if device.type == 'cuda' else 'float32'
+            dtype = getattr(torch, name)
+        model = HRM(model_config, dtype=dtype)
+        model.load_state_dict(checkpoint['model'])
+        if checkpoint.get('ema') is not None:
+            with torch.no_grad():
+                for p, e in zip(model.parameters(), checkpoint['ema']):
+                    p.copy_(e)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    return model.to(device).eval(), run_config
+
+
+def cross_entropy(logits, labels, kind, smoothing=0.0):
+    """Per-cell cross entropy, (B, 81), against the label mixed with weight `smoothing` of a uniform target over
+    the 9 digit tokens (label smoothing; the pad and blank tokens are never answers). Stablemax (the paper's
+    choice) replaces exp with a function that grows linearly for x >= 0 and as 1/(1-x) below, which avoids the
+    softmax collapse that plain softmax hits late in small-data training. Computed in float64 as the reference does
+    (the logits are tiny: B x 81 x 11); mps has no float64, so it uses float32 there."""
+    if kind == 'softmax':
+        log_probs = F.log_softmax(logits.float(), -1)
+    else:
+        x = logits.to(torch.float32 if logits.device.type == 'mps' else torch.float64)
+        # clamp: the branch where() discards must stay finite, or its infinite gradient at x = 1 (common in
+        # bf16) times where()'s zero makes NaN
+        s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x + 1)
+        log_probs = torch.log(s / s.sum(-1, keepdim=True))
+    nll = -log_probs.gather(-1, labels.long()[..., None]).squeeze(-1)
+    if smoothing:
+        nll = (1 - smoothing) * nll - smoothing * log_probs[..., 2:].mean(-1)
+    return nll.float()
+
+
+# -----------------------------------------------------------------------------
+# FLOP count, for MFU
+
+def flops_per_step(config, batch_size, training=True):
+    """Analytic matmul FLOPs (2 per multiply-add) of one ACT training step (training=True) or one
+    inference segment. A block costs 2*params_per_token for its linears plus 4*S*D for QK^T and PV
+    (full S x S even with the Sudoku mask: the kernel does not skip masked tiles).
+    Per segment: H_cycles*L_cycles L-module and H_cycles H-module passes forward; backward (2x forward)
+    only through the last L and H pass ('1step'), or through all of them ('full'); plus one more full
+    forward for the Q-continue target when enabled."""
+    D, S = config.hidden_size, config.seq_len + 1
+    block = 2 * (4 * D * D + 3 * D * swiglu_width(config)) + 4 * S * D                      # per token
+    L_pass, H_pass = config.L_layers * block, config.H_layers * block
+    forward = config.H_cycles * (config.L_cycles * L_pass + H_pass) + 2 * D * config.vocab_size
+    if not training:
+        return forward * S * batch_size
+    backward = 2 * (forward if config.grad_mode == 'full' else L_pass + H_pass + 2 * D * config.vocab_size)
+    q_target = forward if (config.act == 'q' and config.q_target and config.halt_max_steps > 1) else 0
+    return (forward + backward + q_target) * S * batch_size
+
+
+# dense bf16 tensor-core peak, TFLOP/s; the first name contained in the device name wins
+PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('A100', 312.0)]
+
+
+def peak_tflops(device_name):
+    """Peak dense bf16 TFLOP/s of a GPU by name (torch.cuda.get_device_name()), None if unknown."""
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in device_name), None)
+
+
+# -----------------------------------------------------------------------------
+# The Triton fused attention: forward and backward kernels wrapped in a torch custom op, used instead of
+# FlashAttention on CUDA (HRM.uses_triton decides). The model only ever uses no mask or the Sudoku one, and
+# the kernels know just those: they compute the Sudoku mask from positions instead of loading it.
 
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -234,7 +647,8 @@ if HAS_TRITON:
     @triton.jit
     def _store_tile(ptr, rows, stride_s, S, tile, HEAD_DIM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
-        tl.store(ptr + rows[:, None] * stride_s + offs_d[None, :], tile.to(ptr.dtype.element_ty), mask=(rows < S)[:, None])
+        tl.store(ptr + rows[:, None] * stride_s + offs_d[None, :], tile.to(ptr.dtype.element_ty),
+                 mask=(rows < S)[:, None])
 
     @triton.jit
     def _allowed(rows, cols, S, prefix_len, SUDOKU_MASK: tl.constexpr):
@@ -420,7 +834,8 @@ def _mask_args(mask, S):
     version = 0 if mask.is_inference() else mask._version
     if getattr(mask, "_nanohrm_sudoku_version", None) != version:
         if prefix_len < 0 or not torch.equal(mask.cpu(), sudoku_attention_mask(prefix_len)):
-            raise ValueError("fused_attention takes no mask or sudoku_attention_mask(); use sdpa_attention for other masks")
+            raise ValueError("fused_attention takes no mask or sudoku_attention_mask(); "
+                             "use sdpa_attention for other masks")
         mask._nanohrm_sudoku_version = version
     return True, prefix_len
 
@@ -542,403 +957,3 @@ def fused_attention(q, k, v, mask=None):
         assert mask.dtype == torch.bool and mask.shape == (q.size(1), q.size(1)), "mask must be (S, S) bool"
     o, _ = attention_fwd(q, k, v, mask)
     return o
-
-
-class Attention(nn.Module):
-    """Non-causal multi-head self-attention with RoPE, computed by the Triton kernel above
-    (fused_attention) or by PyTorch's SDPA (sdpa_attention); HRM.uses_triton picks."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.head_dim = config.hidden_size // config.num_heads
-        self.qkv_proj = CastedLinear(config.hidden_size, 3 * config.hidden_size)
-        self.o_proj = CastedLinear(config.hidden_size, config.hidden_size)
-
-    def forward(self, x, cos, sin, mask, use_triton):
-        B, S, D = x.shape
-        q, k, v = self.qkv_proj(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)  # 3 x (B, S, H, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = fused_attention(q, k, v, mask) if use_triton else sdpa_attention(q, k, v, mask)  # (B, S, H, hd)
-        return self.o_proj(y.reshape(B, S, D))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        # 2/3 keeps the parameter count of a 4x MLP; rounding up to 256 keeps matmuls tile-friendly
-        inter = 256 * math.ceil(round(config.expansion * config.hidden_size * 2 / 3) / 256)
-        self.gate_up_proj = CastedLinear(config.hidden_size, 2 * inter)
-        self.down_proj = CastedLinear(inter, config.hidden_size)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)      # 2 x (B, S, inter), views of one buffer
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
-        # Without autograd nothing reads gate again, so silu and the product overwrite it: two fewer
-        # (B, S, inter) temporaries in the no-grad updates, which are most of a segment's work
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
-
-
-class Block(nn.Module):
-    """Post-norm transformer block (norm after each residual add, as in HRM)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.eps = config.rms_norm_eps
-        self.attn = Attention(config)
-        self.mlp = SwiGLU(config)
-
-    def forward(self, x, cos, sin, mask, use_triton):
-        x = rms_norm(x + self.attn(x, cos, sin, mask, use_triton), self.eps)
-        return rms_norm(x + self.mlp(x), self.eps)
-
-
-class ReasoningModule(nn.Module):
-    """The H or the L module: a stack of blocks whose input is the state plus an injected signal."""
-
-    def __init__(self, config, n_layers):
-        super().__init__()
-        self.layers = nn.ModuleList(Block(config) for _ in range(n_layers))
-
-    def forward(self, z, injection, cos, sin, mask, use_triton):
-        z = z + injection
-        for layer in self.layers:
-            z = layer(z, cos, sin, mask, use_triton)
-        return z
-
-
-# -----------------------------------------------------------------------------
-# the model
-
-class Carry(NamedTuple):
-    """What persists between training steps: the recurrent states and the puzzle each row is on."""
-    z_H: torch.Tensor      # (B, S, D)
-    z_L: torch.Tensor      # (B, S, D)
-    steps: torch.Tensor    # (B,) int32 segments run on the current puzzle
-    halted: torch.Tensor   # (B,) bool: the row takes a new puzzle at the next step
-    inputs: torch.Tensor   # (B, 81) tokens of the current puzzle
-    labels: torch.Tensor   # (B, 81) tokens of its solution
-
-
-class HRM(nn.Module):
-
-    def __init__(self, config, dtype=torch.float32):
-        super().__init__()
-        self.config = config
-        self.forward_dtype = dtype  # bf16 on GPU, fp32 on CPU; weights stay fp32
-        D = config.hidden_size
-        self.puzzle_emb_len = 1
-        self.embed_scale = math.sqrt(D)
-        self.embed_tokens = nn.Parameter(trunc_normal_(torch.empty(config.vocab_size, D), std=1 / self.embed_scale))
-        # Sudoku has a single puzzle identifier, so the puzzle embedding is one learned prefix vector.
-        # Zero init as in the reference; it is trained by sign-SGD (optim.SignSGD), not Adam.
-        self.puzzle_emb = nn.Parameter(torch.zeros(1, D))
-        self.H_level = ReasoningModule(config, config.H_layers)
-        self.L_level = self.H_level if config.shared_levels else ReasoningModule(config, config.L_layers)
-        self.lm_head = CastedLinear(D, config.vocab_size)
-        if config.act == 'q':
-            self.q_head = CastedLinear(D, 2, bias=True)
-            with torch.no_grad():  # start near "never halt" (sigmoid(-5) = 0.007) so early training runs long
-                self.q_head.weight.zero_()
-                self.q_head.bias.fill_(-5)
-        # Fixed random initial states, shared by all puzzles (buffers: saved, not trained)
-        self.register_buffer('H_init', trunc_normal_(torch.empty(D), std=1))
-        self.register_buffer('L_init', trunc_normal_(torch.empty(D), std=1))
-        cos, sin = rotary_tables(config.seq_len + self.puzzle_emb_len, D // config.num_heads, config.rope_theta)
-        self.register_buffer('rope_cos', cos, persistent=False)
-        self.register_buffer('rope_sin', sin, persistent=False)
-        mask = sudoku_attention_mask(self.puzzle_emb_len) if config.attn_mask == 'sudoku' else None
-        self.register_buffer('attn_mask', mask, persistent=False)
-
-    def num_params(self, with_puzzle_emb=False):
-        """The paper counts parameters without the puzzle embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        return n if with_puzzle_emb else n - self.puzzle_emb.numel()
-
-    def uses_triton(self, device):
-        """Whether attention on `device` runs the Triton kernels (else SDPA), in this model's forward dtype.
-        'auto' takes them on CUDA where they are built and checked to run (bf16/fp16, head_dim 16..128, a power
-        of two); attn_impl='triton' where they cannot run is an error, never a silent switch to SDPA."""
-        impl = self.config.attn_impl
-        if impl == 'sdpa' or (impl == 'auto' and device.type != 'cuda'):
-            return False
-        problem = triton_attention_problem(self.config.hidden_size // self.config.num_heads, self.forward_dtype, device)
-        if impl == 'triton' and problem is not None:
-            raise ValueError(f"attn_impl='triton': {problem}")
-        return problem is None
-
-    def embed(self, inputs):
-        B = inputs.shape[0]
-        tokens = F.embedding(inputs.long(), self.embed_tokens)                     # (B, 81, D)
-        prefix = self.puzzle_emb.expand(B, -1)[:, None, :]                          # (B, 1, D)
-        return (self.embed_scale * torch.cat((prefix, tokens), dim=1)).to(self.forward_dtype)  # (B, S, D)
-
-    def segment(self, z_H, z_L, inputs):
-        """One segment: H_cycles x L_cycles updates. Returns new states, logits and Q logits."""
-        cfg = self.config
-        x = self.embed(inputs)
-        ctx = (self.rope_cos, self.rope_sin, self.attn_mask, self.uses_triton(x.device))
-        # The 1-step gradient: every update but the last L and the last H one runs without grad, so
-        # memory and backward cost do not grow with the number of cycles (the paper's O(1) memory).
-        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_mode == 'full'):
-            for h in range(cfg.H_cycles):
-                for l in range(cfg.L_cycles):
-                    if h < cfg.H_cycles - 1 or l < cfg.L_cycles - 1:
-                        z_L = self.L_level(z_L, z_H + x, *ctx)
-                if h < cfg.H_cycles - 1:
-                    z_H = self.H_level(z_H, z_L, *ctx)
-        z_L = self.L_level(z_L, z_H + x, *ctx)
-        z_H = self.H_level(z_H, z_L, *ctx)
-        logits = self.lm_head(z_H[:, self.puzzle_emb_len:])                        # (B, 81, V)
-        q_logits = self.q_head(z_H[:, 0]).float() if cfg.act == 'q' else None       # (B, 2): halt, continue
-        return z_H, z_L, logits, q_logits
-
-    def initial_carry(self, batch_size, device):
-        S, D = self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size
-        z = torch.zeros(batch_size, S, D, dtype=self.forward_dtype, device=device)
-        tokens = torch.zeros(batch_size, self.config.seq_len, dtype=torch.long, device=device)
-        # every row starts halted, so the first step loads a puzzle into each
-        return Carry(z, z.clone(), torch.zeros(batch_size, dtype=torch.int32, device=device),
-                     torch.ones(batch_size, dtype=torch.bool, device=device), tokens, tokens.clone())
-
-    def forward(self, carry, inputs, labels, min_halt_steps=None):
-        """One ACT training step: rows that halted last step take the new puzzle (inputs, labels, (B, 81)
-        tokens) and restart from the initial states; every row then runs one segment.
-        min_halt_steps (B,) is the exploration draw (see exploration_draw); train.py passes its rank's
-        slice of one global draw so DDP matches a single process. Returns the new carry and the
-        outputs for loss()."""
-        cfg = self.config
-        reset = carry.halted
-        z_H = torch.where(reset[:, None, None], self.H_init.to(self.forward_dtype), carry.z_H)
-        z_L = torch.where(reset[:, None, None], self.L_init.to(self.forward_dtype), carry.z_L)
-        steps = torch.where(reset, 0, carry.steps)
-        inputs = torch.where(reset[:, None], inputs, carry.inputs)
-        labels = torch.where(reset[:, None], labels, carry.labels)
-
-        z_H, z_L, logits, q_logits = self.segment(z_H, z_L, inputs)
-        # the carry never takes gradient into the next step: segments are trained one at a time
-        z_H, z_L = z_H.detach(), z_L.detach()
-        outputs = {'logits': logits}
-        if cfg.act == 'q':  # outside no_grad: the Q head trains through these
-            q_halt, q_continue = q_logits.unbind(-1)
-            outputs['q_halt_logits'], outputs['q_continue_logits'] = q_halt, q_continue
-        with torch.no_grad():
-            steps = steps + 1
-            is_last = steps >= cfg.halt_max_steps
-            halted = is_last
-            if cfg.act == 'q':
-                # At eval every row runs halt_max_steps segments so a batch halts together.
-                if self.training and cfg.halt_max_steps > 1:
-                    halted = halted | (q_halt > q_continue)
-                    if min_halt_steps is None:
-                        min_halt_steps = self.exploration_draw(steps.shape[0], steps.device)
-                    halted = halted & (steps >= min_halt_steps)
-                    if cfg.q_target:
-                        # Bootstrapped target for Q-continue: the value of the next segment, from a
-                        # second forward with the current weights (no replay buffer, no target net:
-                        # the large batch plays the role of many parallel environments).
-                        next_q = self.segment(z_H, z_L, inputs)[3]
-                        next_halt, next_continue = next_q.unbind(-1)
-                        outputs['target_q_continue'] = torch.sigmoid(
-                            torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
-        return Carry(z_H, z_L, steps, halted, inputs, labels), outputs
-
-    def exploration_draw(self, batch_size, device, generator=None):
-        """ACT exploration: with probability halt_exploration_prob a row must run at least a uniform
-        2..halt_max_steps segments before it may halt; other rows get 0 (no minimum)."""
-        cfg = self.config
-        explore = torch.rand(batch_size, device=device, generator=generator) < cfg.halt_exploration_prob
-        minimum = torch.randint(2, cfg.halt_max_steps + 1, (batch_size,), device=device, generator=generator)
-        return explore * minimum
-
-    def loss(self, carry, outputs):
-        """Summed over the batch (the caller divides by the global batch size). Metrics are device
-        tensors of sums over the rows that halted this step, so reading them needs no sync here."""
-        logits, labels = outputs['logits'], carry.labels
-        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()  # each puzzle averaged over its 81 cells
-        with torch.no_grad():
-            cell_correct = logits.argmax(-1) == labels                            # (B, 81)
-            exact = cell_correct.all(-1)                                          # (B,)
-            done = carry.halted
-            metrics = {
-                'count': done.sum(),
-                'cell_acc': (cell_correct.float().mean(-1) * done).sum(),
-                'exact_acc': (exact & done).sum(),
-                'steps': (carry.steps * done).sum(),
-                'lm_loss': lm_loss.detach(),
-            }
-        loss = lm_loss
-        if 'q_halt_logits' in outputs:
-            q_halt = outputs['q_halt_logits']
-            # Q-halt learns "is the current answer entirely right"
-            q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, exact.float(), reduction='sum')
-            loss = loss + 0.5 * q_halt_loss
-            metrics['q_halt_loss'] = q_halt_loss.detach()
-            metrics['q_halt_acc'] = (((q_halt >= 0) == exact) & done).sum()
-            if 'target_q_continue' in outputs:
-                q_continue_loss = F.binary_cross_entropy_with_logits(
-                    outputs['q_continue_logits'], outputs['target_q_continue'], reduction='sum')
-                loss = loss + 0.5 * q_continue_loss
-                metrics['q_continue_loss'] = q_continue_loss.detach()
-        return loss, metrics
-
-    @torch.no_grad()
-    def solve(self, puzzles, segments=None, halt=False, views=1, check=False, trace=False, generator=None):
-        """Batch inference on (B, 81) puzzles, cells 0..9 (0 = blank). By default every row runs `segments`
-        (= halt_max_steps) segments of the puzzle as given, as the paper evaluates. Test-time compute:
-        - views=K solves K random symmetries of each puzzle (the first is the puzzle itself) as one batch;
-        - check=True stops a puzzle at the first segment where one of its views' answers is a valid grid
-          that keeps the givens: for a unique-solution puzzle that answer is the solution, so this halting
-          signal is exact, and only the rows still running are computed;
-        - halt=True stops a view where the Q head says halt (ACT), its answer frozen there.
-        Answers are digits 1..9 (the blank and pad tokens are never predicted). A puzzle's answer is that
-        of its first view whose answer checks, else a per-cell vote over its views (ties to the first
-        view). Returns a Solution; see there."""
-        segments = segments or self.config.halt_max_steps
-        B, K, device = puzzles.shape[0], views, puzzles.device
-        N = B * K  # rows are puzzle-major: row b*K + k is view k of puzzle b
-        symmetry = sudoku.identity_symmetry(N, device)
-        if K > 1:  # (one view draws nothing, so the paper's eval leaves every random stream alone)
-            symmetry = sudoku.random_symmetry(N, generator, device)
-            for part, first in zip(symmetry, sudoku.identity_symmetry(B, device)):
-                part.view(B, K, -1)[:, 0] = first
-        grids = sudoku.apply_symmetry(puzzles.long().repeat_interleave(K, dim=0), symmetry)  # (N, 81)
-        tokens = grids + 1  # 1 = blank, 2..10 = digits
-        z_H = self.H_init.to(self.forward_dtype).expand(N, self.config.seq_len + self.puzzle_emb_len, -1)
-        z_L = self.L_init.to(self.forward_dtype).expand_as(z_H)
-        preds = torch.ones_like(grids)
-        steps = torch.zeros(N, dtype=torch.int32, device=device)
-        q_halt = torch.full((N,), float('nan'), device=device) if self.config.act == 'q' else None
-        rows = torch.arange(N, device=device)  # the view each row of the running batch belongs to
-        history = []
-        for _ in range(segments):
-            z_H, z_L, logits, q_logits = self.segment(z_H, z_L, tokens)
-            answer = logits[..., 2:].argmax(-1) + 1                                  # (n, 81) digits 1..9
-            preds[rows], steps[rows] = answer, steps[rows] + 1
-            if q_logits is not None:
-                q_halt[rows] = q_logits[:, 0]
-            if trace:
-                history.append(preds.clone())
-            stop = None
-            if check:
-                valid, consistent = sudoku.check_grids(grids[rows], answer)
-                # summed, not index_put: several views of one puzzle share its index, and writes to one index race
-                ok = (valid & consistent).int()
-                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, ok) > 0
-                stop = solved[rows // K]  # every view of a solved puzzle stops
-            if halt and q_logits is not None:
-                wants_halt = q_logits[:, 0] > q_logits[:, 1]
-                stop = wants_halt if stop is None else stop | wants_halt
-            if stop is not None and stop.any():  # a host sync, only on these opt-in paths
-                keep = ~stop
-                z_H, z_L, tokens, rows = z_H[keep], z_L[keep], tokens[keep], rows[keep]
-                if len(rows) == 0:
-                    break
-
-        answers = sudoku.invert_symmetry(preds, symmetry).view(B, K, 81)
-        valid, consistent = sudoku.check_grids(grids, preds)
-        checks = (valid & consistent).view(B, K)
-        first_checked = checks.int().argmax(1)                                     # (B,) lowest view that checks
-        counts = F.one_hot(answers - 1, 9).sum(1) * 2                              # (B, 81, 9) votes per digit
-        counts += F.one_hot(answers[:, 0] - 1, 9)                                  # ties go to the first view
-        vote = counts.argmax(-1) + 1
-        picked = answers[torch.arange(B, device=device), first_checked]
-        any_checked = checks.any(1)
-        final = torch.where(any_checked[:, None], picked, vote if K > 1 else answers[:, 0])
-        view = torch.where(any_checked | (K == 1), first_checked, -1)
-        chosen = torch.arange(B, device=device) * K + view.clamp(min=0)
-        valid, consistent = sudoku.check_grids(puzzles, final)  # a vote can check too
-        return Solution(
-            grids=final, steps=steps.view(B, K).amax(1), checked=valid & consistent,
-            view=view, q_halt=None if q_halt is None else q_halt[chosen],
-            history=sudoku.invert_symmetry(torch.stack(history).flatten(0, 1), tuple(
-                t.repeat(len(history), 1) for t in symmetry)).view(-1, B, K, 81) if trace else None)
-
-
-class Solution(NamedTuple):
-    """What HRM.solve returns, per puzzle."""
-    grids: torch.Tensor              # (B, 81) the answer, digits 1..9 in the puzzle's own cell order
-    steps: torch.Tensor              # (B,) segments run (the longest of its views)
-    checked: torch.Tensor            # (B,) bool: the answer is a valid grid that keeps the givens
-    view: torch.Tensor               # (B,) the view the answer came from; -1 = the per-cell vote
-    q_halt: Optional[torch.Tensor]   # (B,) the last q_halt logit of that view (None without a Q head)
-    history: Optional[torch.Tensor]  # (T, B, K, 81) every view's answer after each segment (trace=True)
-
-
-def load_checkpoint(path, device, dtype=None):
-    """An HRM for inference from train.py's ckpt.pt: the run's architecture, its EMA weights when it kept
-    them (what its evals scored), in eval mode on `device`. The forward dtype is the run's own ('auto': bf16
-    on CUDA, fp32 elsewhere) unless `dtype` is given. Returns (model, the run's config dict); raises
-    ValueError with a one-line reason for a missing or unreadable file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    device = torch.device(device)
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
-        run_config = checkpoint['config']
-        model_config = HRMConfig(**{k: run_config[k] for k in HRMConfig.__dataclass_fields__})
-        if dtype is None:
-            name = run_config.get('dtype', 'auto')
-            name = name if name != 'auto' else 'bfloat16' if device.type == 'cuda' else 'float32'
-            dtype = getattr(torch, name)
-        model = HRM(model_config, dtype=dtype)
-        model.load_state_dict(checkpoint['model'])
-        if checkpoint.get('ema') is not None:
-            with torch.no_grad():
-                for p, e in zip(model.parameters(), checkpoint['ema']):
-                    p.copy_(e)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    return model.to(device).eval(), run_config
-
-
-def cross_entropy(logits, labels, kind, smoothing=0.0):
-    """Per-cell cross entropy, (B, 81), against the label mixed with weight `smoothing` of a uniform target over
-    the 9 digit tokens (label smoothing; the pad and blank tokens are never answers). Stablemax (the paper's choice) replaces exp with a function
-    that grows linearly for x >= 0 and as 1/(1-x) below, which avoids the softmax collapse that
-    plain softmax hits late in small-data training. Computed in float64 as the reference does
-    (the logits are tiny: B x 81 x 11); mps has no float64, so it uses float32 there."""
-    if kind == 'softmax':
-        log_probs = F.log_softmax(logits.float(), -1)
-    else:
-        x = logits.to(torch.float32 if logits.device.type == 'mps' else torch.float64)
-        # clamp: the branch where() discards must stay finite, or its infinite gradient at x = 1 (common in
-        # bf16) times where()'s zero makes NaN
-        s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x + 1)
-        log_probs = torch.log(s / s.sum(-1, keepdim=True))
-    nll = -log_probs.gather(-1, labels.long()[..., None]).squeeze(-1)
-    if smoothing:
-        nll = (1 - smoothing) * nll - smoothing * log_probs[..., 2:].mean(-1)
-    return nll.float()
-
-
-# -----------------------------------------------------------------------------
-# FLOP count, for MFU
-
-def flops_per_step(config, batch_size, training=True):
-    """Analytic matmul FLOPs (2 per multiply-add) of one ACT training step (training=True) or one
-    inference segment. A block costs 2*params_per_token for its linears plus 4*S*D for QK^T and PV
-    (full S x S even with the Sudoku mask: the kernel does not skip masked tiles).
-    Per segment: H_cycles*L_cycles L-module and H_cycles H-module passes forward; backward (2x forward)
-    only through the last L and H pass ('1step'), or through all of them ('full'); plus one more full
-    forward for the Q-continue target when enabled."""
-    D, S = config.hidden_size, config.seq_len + 1
-    inter = 256 * math.ceil(round(config.expansion * D * 2 / 3) / 256)
-    block = 2 * (4 * D * D + 3 * D * inter) + 4 * S * D                      # per token
-    L_pass, H_pass = config.L_layers * block, config.H_layers * block
-    forward = config.H_cycles * (config.L_cycles * L_pass + H_pass) + 2 * D * config.vocab_size
-    if not training:
-        return forward * S * batch_size
-    backward = 2 * (forward if config.grad_mode == 'full' else L_pass + H_pass + 2 * D * config.vocab_size)
-    q_target = forward if (config.act == 'q' and config.q_target and config.halt_max_steps > 1) else 0
-    return (forward + backward + q_target) * S * batch_size
-
-
-# dense bf16 tensor-core peak, TFLOP/s; the first name contained in the device name wins
-PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('A100', 312.0)]
-
-
-def peak_tflops(device_name):
-    """Peak dense bf16 TFLOP/s of a GPU by name (torch.cuda.get_device_name()), None if unknown."""
-    return next((tflops for key, tflops in PEAK_TFLOPS if key in device_name), None)

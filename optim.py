@@ -8,29 +8,18 @@ the HRM reference uses, but in plain PyTorch: no CUDA extension to build, runs o
 accepts lr = 0 (the warmup schedule starts there).
 
 SignSGD: the update the HRM reference applies to the puzzle embeddings.
+
+Both take fp32 params only: nanoHRM keeps its weights in fp32 (bf16 exists only inside the forward).
 """
 
 import math
-from collections import defaultdict
 
 import torch
 
 
-def compute_dtype(param):
-    # bf16/fp16 params are updated in fp32 and rounded once per step; the moments live in fp32 too,
-    # since bf16 cannot hold (1 - beta2) * g^2 added to v. fp64 params stay fp64.
-    return torch.promote_types(param.dtype, torch.float32)
-
-
-def group_by_device_and_dtype(params):
-    # a foreach op takes the fast (one launch per op) path only when its lists share device and dtype
-    groups = defaultdict(list)
-    for p in params:
-        groups[(p.device, p.dtype)].append(p)
-    return list(groups.values())
-
-
-def check_hyperparameters(name, group):
+def check_group(name, group):
+    """Checks a param group as torch.optim.Optimizer.add_param_group stores it (params a list, the defaults
+    filled in), so a group's own settings are checked too, not only the constructor's."""
     # lr = 0 is legal: warmup schedules start at 0 and the update then only advances m, v and step
     if not group["lr"] >= 0.0:
         raise ValueError(f"{name}: lr must be >= 0, got {group['lr']}")
@@ -40,6 +29,11 @@ def check_hyperparameters(name, group):
         betas = tuple(group["betas"])
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {group['betas']}")
+    # updates run in the param's dtype: bf16 weights would round small updates away, and a bf16 v could not
+    # hold the (1 - beta2) * g^2 added to it
+    dtypes = {p.dtype for p in group["params"]} - {torch.float32}
+    if dtypes:
+        raise ValueError(f"{name}: params must be float32, got {', '.join(sorted(map(str, dtypes)))}")
 
 
 class AdamATan2(torch.optim.Optimizer):
@@ -59,10 +53,8 @@ class AdamATan2(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     def add_param_group(self, param_group):
-        # validate every group (the defaults filled in first), so a group's own lr/betas are checked too
-        group = {**self.defaults, **param_group}
-        check_hyperparameters("AdamATan2", group)
         super().add_param_group(param_group)
+        check_group("AdamATan2", self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -80,11 +72,11 @@ class AdamATan2(torch.optim.Optimizer):
                     # step is an fp32 scalar on the CPU, as in torch.optim.Adam: reading it for the
                     # bias corrections never waits on the GPU
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
             update = self._update_foreach if self.foreach else self._update_per_tensor
-            for same_device_and_dtype in group_by_device_and_dtype(params):
-                update(same_device_and_dtype, group)
+            if params:  # the foreach ops refuse empty lists
+                update(params, group)
         return loss
 
     def _update_per_tensor(self, params, group):
@@ -95,17 +87,13 @@ class AdamATan2(torch.optim.Optimizer):
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             state["step"] += 1
             t = state["step"].item()
-            param = p.to(exp_avg.dtype)  # p itself for fp32 params, an fp32 copy for bf16
-            grad = p.grad.to(exp_avg.dtype)
-            param.mul_(1 - lr * weight_decay)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.lerp_(grad * grad, 1 - beta2)
+            p.mul_(1 - lr * weight_decay)
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.lerp_(p.grad * p.grad, 1 - beta2)
             denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** t))
             # atan2 written into denom, as the foreach path does: one param-sized buffer per tensor, not two
             update = torch.atan2(exp_avg, denom, out=denom).mul_(-lr / (1 - beta1 ** t))
-            param.add_(update)
-            if param is not p:
-                p.copy_(param)  # round to the param's dtype once, after the whole update
+            p.add_(update)
 
     def _update_foreach(self, params, group):
         # the same ops in the same order as _update_per_tensor, one launch per op for the whole list
@@ -115,12 +103,10 @@ class AdamATan2(torch.optim.Optimizer):
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
-        dtype = exp_avgs[0].dtype
-        params_c = [p.to(dtype) for p in params]  # the params themselves when already fp32
-        grads = [p.grad.to(dtype) for p in params]
+        grads = [p.grad for p in params]
 
         torch._foreach_add_(steps, 1)
-        torch._foreach_mul_(params_c, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
         # params can be at different steps (a grad was None earlier), so the bias corrections are lists
@@ -134,25 +120,17 @@ class AdamATan2(torch.optim.Optimizer):
         for exp_avg, denom in zip(exp_avgs, denoms):
             torch.atan2(exp_avg, denom, out=denom)
         torch._foreach_mul_(denoms, [-lr / (1 - beta1 ** t) for t in ts])
-        torch._foreach_add_(params_c, denoms)
-        if params_c[0] is not params[0]:
-            torch._foreach_copy_(params, params_c)  # round to the param's dtype once, after the whole update
+        torch._foreach_add_(params, denoms)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        # torch casts loaded state to each param's dtype, which would round the fp32 moments of bf16
-        # params to bf16 and break resume == uninterrupted. Put the saved tensors back at full
-        # precision, copied so the new state never aliases the dict it came from, with step on the CPU.
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id)
-            if not saved:
-                continue
-            state = self.state[p]
-            state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = saved[key].to(p.device, compute_dtype(p), copy=True)
+        # torch keeps the saved tensors themselves where dtype and device already match, so stepping would
+        # write into the dict they came from (another optimizer's live state, say): copy them. step goes back
+        # to the CPU, where step() keeps it, whatever map_location the checkpoint was loaded with.
+        for state in self.state.values():
+            state["step"] = state["step"].to("cpu", torch.float32, copy=True)
+            state["exp_avg"] = state["exp_avg"].clone()
+            state["exp_avg_sq"] = state["exp_avg_sq"].clone()
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -167,9 +145,8 @@ class SignSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
     def add_param_group(self, param_group):
-        group = {**self.defaults, **param_group}
-        check_hyperparameters("SignSGD", group)
         super().add_param_group(param_group)
+        check_group("SignSGD", self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -179,13 +156,7 @@ class SignSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            for same_device_and_dtype in group_by_device_and_dtype(params):
-                dtype = compute_dtype(same_device_and_dtype[0])
-                params_c = [p.to(dtype) for p in same_device_and_dtype]
-                signs = torch._foreach_sign([p.grad.to(dtype) for p in same_device_and_dtype])
-                torch._foreach_mul_(params_c, 1 - lr * weight_decay)
-                torch._foreach_add_(params_c, signs, alpha=-lr)
-                if params_c[0] is not same_device_and_dtype[0]:
-                    torch._foreach_copy_(same_device_and_dtype, params_c)
+            for p in group["params"]:  # in nanoHRM one (1, D) tensor: no foreach needed
+                if p.grad is not None:
+                    p.mul_(1 - lr * weight_decay).add_(torch.sign(p.grad), alpha=-lr)
         return loss

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_sudoku as sudoku
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, fail
 from model import HRM, HRMConfig, flops_per_step, peak_tflops
 from optim import AdamATan2, SignSGD
 
@@ -35,7 +35,7 @@ from optim import AdamATan2, SignSGD
 # I/O
 out_dir = 'out-sudoku'
 data_dir = 'data/sudoku-extreme-1k'
-prepare_args = ''           # if set and data_dir is missing: `python prepare_sudoku.py {prepare_args} --out_dir={data_dir}`
+prepare_args = ''           # if data_dir is missing: python prepare_sudoku.py {prepare_args} --out_dir={data_dir}
 init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 10           # steps between log lines (and between stop/time checks)
 eval_interval = 2000.0      # epochs between evals (and checkpoints); fractions allowed
@@ -43,9 +43,7 @@ eval_max_puzzles = 0        # evaluate on the first N test puzzles (0 = all)
 eval_segments = 0           # segments run per test puzzle (0 = halt_max_steps, as the paper)
 eval_views = 1              # > 1: also report exact_acc_ttc, with this many symmetric views per puzzle
 eval_check = False          # also report exact_acc_ttc, each puzzle stopping at the first answer that checks
-eval_batch_size = 0         # 0 = the per-process batch size
 eval_only = False           # evaluate out_dir/ckpt.pt on the full test set, print the breakdown, exit
-failures_max = 1000         # wrong test answers written to out_dir/eval_failures.csv per eval
 target_exact_acc = 0.0      # stop early once eval exact accuracy reaches this (0 = never)
 max_minutes = 0.0           # stop (with a final eval) after this much wall time (0 = no limit)
 wandb_log = False
@@ -57,8 +55,8 @@ gradient_accumulation_steps = 1  # micro-batches per process per step, each with
 epochs = 20000              # one epoch = one pass over the training puzzles
 max_iters = 0               # total steps; 0 = epochs * train puzzles / global_batch_size
 augment = True              # a random Sudoku symmetry per puzzle per draw
-curriculum_givens = 0       # > 17: training puzzles start filled in from their solutions up to this many givens,
-curriculum_frac = 0.5       # a minimum that falls linearly to 17 (the puzzles as they are) over this fraction of max_steps,
+curriculum_givens = 0       # > 17: training puzzles start filled in from their solutions to this many givens, a
+curriculum_frac = 0.5       # minimum that falls linearly to 17 (the puzzles as given) over this fraction of max_steps,
 curriculum_pace = 0.0       # or, if > 0, by one after each log interval whose train exact accuracy reaches this
 # optimizer (AdamATan2 for the network, sign-SGD for the puzzle embedding, as the reference)
 lr = 1e-4
@@ -83,11 +81,6 @@ globals().update({f.name: f.default for f in fields(HRMConfig)})
 
 
 t_start = time.time()  # wall time counts from here: dataset generation and start-up are part of time-to-accuracy
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -198,7 +191,7 @@ def curriculum_min_givens(it):
 
 
 def get_batch(it):
-    """This process's micro-batches of one global batch at step it: a list of (inputs, labels, min_halt_steps).
+    """This process's micro-batches of one global batch at step it: a list of (puzzles, solutions, min_halt_steps).
     Every process draws and augments the whole global batch and keeps its slice, so the run is the
     same whatever the number of processes (the draw is tiny next to the model)."""
     index = torch.from_numpy(next_indices(global_batch_size))
@@ -211,11 +204,11 @@ def get_batch(it):
     if curriculum_min_givens(it) > 17:  # (no draw otherwise: without a curriculum the random streams are unchanged)
         puzzles = sudoku.reveal(puzzles, solutions, curriculum_min_givens(it), generator=device_rng)
     min_halt = raw_model.exploration_draw(global_batch_size, device, device_rng) if model_config.act == 'q' else None
-    inputs, labels = puzzles.long() + 1, solutions.long() + 1  # tokens: 1 = blank, 2..10 = digits
     batches = []
     for micro in range(gradient_accumulation_steps):
-        s = slice((rank * gradient_accumulation_steps + micro) * micro_batch, (rank * gradient_accumulation_steps + micro + 1) * micro_batch)
-        batches.append((inputs[s], labels[s], None if min_halt is None else min_halt[s]))
+        first = (rank * gradient_accumulation_steps + micro) * micro_batch
+        s = slice(first, first + micro_batch)
+        batches.append((puzzles[s], solutions[s], None if min_halt is None else min_halt[s]))
     return batches
 
 
@@ -241,7 +234,8 @@ if checkpoint is not None:
 raw_model = model
 network_params = [p for n, p in model.named_parameters() if n != 'puzzle_emb']
 # foreach (multi-tensor) kernels pay off on CUDA; on CPU the per-tensor loop is faster (bench.py)
-optimizer = AdamATan2(network_params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, foreach=device_type == 'cuda')
+optimizer = AdamATan2(network_params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                      foreach=device_type == 'cuda')
 emb_optimizer = SignSGD([model.puzzle_emb], lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)
 ema_params = [p.detach().float().clone() for p in model.parameters()] if ema > 0 else None
 
@@ -261,7 +255,8 @@ if checkpoint is not None and not eval_only:
     torch.set_rng_state(checkpoint['cpu_rng'])
     saved = checkpoint['carry']  # the global carry; slice out this process's rows
     if saved.z_H.shape[0] != global_batch_size:
-        fail(f"the checkpoint's batch is {saved.z_H.shape[0]} puzzles, this run's global_batch_size is {global_batch_size}")
+        fail(f"the checkpoint's batch is {saved.z_H.shape[0]} puzzles, this run's global_batch_size is "
+             f"{global_batch_size}")
     for micro in range(gradient_accumulation_steps):
         first = (rank * gradient_accumulation_steps + micro) * micro_batch
         carries[micro] = type(saved)(*(t[first:first + micro_batch].to(device) for t in saved))
@@ -303,6 +298,13 @@ def ema_weights():
         torch._foreach_copy_(params, backup)
 
 
+FAILURES_MAX = 1000  # wrong answers written to out_dir/eval_failures.csv per eval: enough to study, small on disk
+
+
+def text(grid):
+    return sudoku.grid_to_string(grid.cpu().numpy())
+
+
 @torch.no_grad()
 def evaluate(max_puzzles, failures_path=None):
     """Exact accuracy (all 81 cells right), cell accuracy, mean segments and Q-halt accuracy on the
@@ -318,10 +320,11 @@ def evaluate(max_puzzles, failures_path=None):
     bins = {'rating': sudoku.RATING_BINS, 'givens': sudoku.GIVENS_BINS}
     metrics = ['exact', 'exact_ttc'] if ttc else ['exact']
     # sums of per-puzzle numbers, one dict key each, so every process holds the same keys for the all-reduce
-    sums = dict.fromkeys(['exact', 'cells', 'steps', 'q_right', 'exact_ttc', 'steps_ttc', 'seconds_ttc'] + [
-        f'{key}/{name}/{m}' for key, bin_list in bins.items() for _, _, name in bin_list for m in ['count'] + metrics], 0.0)
+    per_bin = [f'{key}/{name}/{m}' for key, bin_list in bins.items() for _, _, name in bin_list
+               for m in ['count'] + metrics]
+    sums = dict.fromkeys(['exact', 'cells', 'steps', 'q_right', 'exact_ttc', 'steps_ttc', 'seconds_ttc'] + per_bin, 0.0)
     failures = []
-    batch = eval_batch_size or micro_batch
+    batch = micro_batch
     for start in range(0, len(mine), batch):
         idx = mine[start:start + batch]
         rows = torch.from_numpy(np.array(test_rows[idx])).to(device)
@@ -354,16 +357,14 @@ def evaluate(max_puzzles, failures_path=None):
                 sums[f'{key}/{name}/count'] += float((which == i).sum())
                 for m in metrics:
                     sums[f'{key}/{name}/{m}'] += float(per_puzzle[m][which == i].sum())
-        if failures_path and len(failures) < failures_max:
+        if failures_path and len(failures) < FAILURES_MAX:
             wrong = ~per_puzzle['exact'] | (~per_puzzle['exact_ttc'] if ttc else False)
-            for j in np.flatnonzero(wrong)[:failures_max - len(failures)]:
+            for j in np.flatnonzero(wrong)[:FAILURES_MAX - len(failures)]:
                 cells = (~cell_right[j]).nonzero().flatten().tolist()
-                failure = [sudoku.grid_to_string(rows[j, :81].cpu().numpy()), sudoku.grid_to_string(paper.grids[j].cpu().numpy()),
-                           sudoku.grid_to_string(rows[j, 81:].cpu().numpy()), int(ratings[j]), int(givens[j]), len(cells),
-                           ' '.join(f'r{c // 9 + 1}c{c % 9 + 1}' for c in cells)]
+                failure = [text(rows[j, :81]), text(paper.grids[j]), text(rows[j, 81:]), int(ratings[j]),
+                           int(givens[j]), len(cells), ' '.join(f'r{c // 9 + 1}c{c % 9 + 1}' for c in cells)]
                 if ttc:
-                    failure += [sudoku.grid_to_string(answer.grids[j].cpu().numpy()),
-                                int((answer.grids[j] != solutions[j]).sum())]
+                    failure += [text(answer.grids[j]), int((answer.grids[j] != solutions[j]).sum())]
                 failures.append(failure)
     if ddp:
         packed = torch.tensor([sums[k] for k in sums], dtype=torch.float64, device=device)
@@ -392,9 +393,9 @@ def evaluate(max_puzzles, failures_path=None):
 
 
 def print_breakdown(result):
+    q_halt = 'n/a' if result['q_halt_acc'] is None else format(result['q_halt_acc'], '.2%')
     print(f"exact accuracy {result['exact_acc']:.2%} | cell accuracy {result['cell_acc']:.2%} | "
-          f"segments {result['steps']:.1f} | q-halt accuracy "
-          f"{'n/a' if result['q_halt_acc'] is None else format(result['q_halt_acc'], '.2%')} | {result['puzzles']} puzzles")
+          f"segments {result['steps']:.1f} | q-halt accuracy {q_halt} | {result['puzzles']} puzzles")
     if 'exact_acc_ttc' in result:
         print(f"  test-time: exact accuracy {result['exact_acc_ttc']:.2%} with {result['ttc_views']} views, up to "
               f"{result['ttc_segments']} segments{', checked' if result['ttc_check'] else ''} | mean segments run "
@@ -403,7 +404,7 @@ def print_breakdown(result):
         for key in ('rating', 'givens'):
             parts = [(name.split('/')[1], value) for name, value in result.items() if name.startswith(f'{m}_by_{key}/')]
             if parts:
-                print(f"  {label}by {key}:", ' | '.join(f"{name}: {acc:.1%} of {count}" for name, (acc, count) in parts))
+                print(f"  {label}by {key}:", ' | '.join(f"{name}: {acc:.1%} of {n}" for name, (acc, n) in parts))
 
 
 def save_checkpoint():
@@ -420,11 +421,12 @@ def save_checkpoint():
     if not master_process:
         return
     state = {
-        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'emb_optimizer': emb_optimizer.state_dict(),
-        'ema': None if ema_params is None else [t.cpu() for t in ema_params],
-        'config': config, 'step': step, 'best_exact': best_exact, 'elapsed': elapsed_before + time.time() - t_start,
-        'puzzles_seen': puzzles_seen, 'paced_givens': paced_givens, 'order_rng': order_rng.bit_generator.state, 'order': order, 'cursor': cursor,
-        'device_rng': device_rng.get_state(), 'cpu_rng': torch.get_rng_state(), 'carry': type(carries[0])(*global_carry),
+        'model': raw_model.state_dict(), 'ema': None if ema_params is None else [t.cpu() for t in ema_params],
+        'optimizer': optimizer.state_dict(), 'emb_optimizer': emb_optimizer.state_dict(), 'config': config,
+        'step': step, 'best_exact': best_exact, 'elapsed': elapsed_before + time.time() - t_start,
+        'puzzles_seen': puzzles_seen, 'paced_givens': paced_givens, 'carry': type(carries[0])(*global_carry),
+        'order_rng': order_rng.bit_generator.state, 'order': order, 'cursor': cursor,
+        'device_rng': device_rng.get_state(), 'cpu_rng': torch.get_rng_state(),
     }
     torch.save(state, ckpt_path + '.tmp')
     os.replace(ckpt_path + '.tmp', ckpt_path)
@@ -434,7 +436,8 @@ def log_record(record):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
     if wandb_log:
-        wandb.log({k: v[0] if isinstance(v, tuple) else v for k, v in record.items() if v is not None}, step=record['step'])
+        wandb.log({k: v[0] if isinstance(v, tuple) else v for k, v in record.items() if v is not None},
+                  step=record['step'])
 
 
 if eval_only:
@@ -469,7 +472,8 @@ if master_process:
     print(f"HRM: {raw_model.num_params() / 1e6:.2f}M parameters (+{raw_model.puzzle_emb.numel()} puzzle embedding) | "
           f"attention: {'Triton kernel' if uses_triton else 'PyTorch SDPA'} | device {device} {dtype} | "
           f"world {world_size} x accumulation {gradient_accumulation_steps} x micro-batch {micro_batch}")
-    print(f"{n_train} training puzzles, {len(test_rows)} test | {max_steps} steps ({max_steps / max(steps_per_epoch, 1e-9):.0f} epochs) | "
+    print(f"{n_train} training puzzles, {len(test_rows)} test | {max_steps} steps "
+          f"({max_steps / max(steps_per_epoch, 1e-9):.0f} epochs) | "
           f"eval every {eval_every} steps")
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=1)
@@ -514,9 +518,9 @@ while step < max_steps:
     if step % log_interval == 0 or last or step % eval_every == 0:
         # the one host sync per log interval: metric sums (all processes), stop requests, clock
         names = sorted(window)
+        late = max_minutes > 0 and (elapsed_before + time.time() - t_start) / 60 > max_minutes
         packed = torch.stack([window[k].float() for k in names] + [
-            torch.tensor(float(stop_signal is not None), device=device),
-            torch.tensor(float(max_minutes > 0 and (elapsed_before + time.time() - t_start) / 60 > max_minutes), device=device)])
+            torch.tensor(float(stop_signal is not None), device=device), torch.tensor(float(late), device=device)])
         if ddp:
             dist.all_reduce(packed)
         values = dict(zip(names, packed[:-2].tolist()))
@@ -539,7 +543,8 @@ while step < max_steps:
                   'loss': values['loss'] / global_batch_size / window_steps,
                   'lm_loss': values['lm_loss'] / global_batch_size / window_steps,
                   'train_exact_acc': values['exact_acc'] / count, 'train_cell_acc': values['cell_acc'] / count,
-                  'train_steps': values['steps'] / count, 'ms_per_step': 1000 * dt, 'puzzles_per_s': global_batch_size / dt,
+                  'train_steps': values['steps'] / count, 'ms_per_step': 1000 * dt,
+                  'puzzles_per_s': global_batch_size / dt,
                   'wall_s': elapsed_before + time.time() - t_start, 'puzzles_seen': puzzles_seen}
         if curriculum_givens > 17:
             record['curriculum_min_givens'] = curriculum_min_givens(step - 1)
@@ -575,11 +580,13 @@ while step < max_steps:
             t_log = time.time()  # ms/step excludes eval and checkpoint time
             if stop_requested:
                 if master_process:
-                    print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path} (resume with --init_from=resume)")
+                    print(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path} "
+                          f"(resume with --init_from=resume)")
                 break
             if out_of_time or target_reached:
                 if master_process:
-                    print(f"stopping: {'reached target exact accuracy' if target_reached else f'max_minutes={max_minutes} reached'}")
+                    why = 'reached target exact accuracy' if target_reached else f'max_minutes={max_minutes} reached'
+                    print(f"stopping: {why}")
                 break
 
 if ddp:

@@ -97,6 +97,12 @@ def cells(text):
     return [0 if ch in ".0" else int(ch) for ch in text]
 
 
+def guesses_to_solve(puzzle):
+    """A puzzle's rating, the solver's guesses before its first solution, from a search that stops there
+    (the generator takes it from its uniqueness check, a search for two solutions)."""
+    return ps._solutions(puzzle, 1)[1]
+
+
 def diabolical_rows(split, n):
     with open(DIABOLICAL / f"{split}.csv") as f:
         return [row for _, row in zip(range(n), csv.DictReader(f))]
@@ -149,26 +155,50 @@ def test_parse_and_format_grid():
         ps.parse_grid(EASY[:-1] + "x")
 
 
-def test_conflict_checks():
-    assert ref_valid(PATTERN) and ps.is_complete_valid(PATTERN) and ps.find_conflicts(PATTERN) == []
-    broken = list(PATTERN)
-    broken[0], broken[1] = broken[1], broken[0]  # row stays fine; columns 1 and 2 now repeat
-    assert not ps.is_complete_valid(broken)
-    assert set(ps.find_conflicts(broken)) == {"column 1", "column 2"}
-    assert ps.find_conflicts(cells(EASY)) == [] and not ps.is_complete_valid(cells(EASY))
-    assert ps.agrees_with_givens(cells(EASY), ref_solutions(cells(EASY))[0])
-    assert not ps.agrees_with_givens(cells(EASY), PATTERN)
+def swapped(grid, i, j):
+    grid = list(grid)
+    grid[i], grid[j] = grid[j], grid[i]
+    return grid
+
+
+def test_find_conflicts():
+    assert ref_valid(PATTERN) and ps.find_conflicts(PATTERN) == []
+    assert set(ps.find_conflicts(swapped(PATTERN, 0, 1))) == {"column 1", "column 2"}  # the row stays fine
+    assert set(ps.find_conflicts(swapped(PATTERN, 0, 9))) == {"row 1", "row 2"}        # the column stays fine
+    assert ps.find_conflicts(cells(LATIN)) == [f"box {i}" for i in range(1, 10)]
+    assert ps.find_conflicts(cells(EASY)) == []  # blanks are no conflict
+    # a 5 put under the first cell's 5, into a row that has one already
+    assert ps.find_conflicts(cells("5" + EASY[1:9] + "5" + EASY[10:])) == ["row 2", "column 1", "box 1"]
+    assert ps.find_conflicts(torch.tensor(cells("11" + "." * 79))) == ["row 1", "box 1"]
 
 
 def test_check_grids_matches_reference():
     solution = ref_solutions(cells(EASY))[0]
     blank = list(solution)
     blank[40] = 0
-    preds = [solution, PATTERN, cells(LATIN), blank, [10] + solution[1:]]
+    preds = [solution, PATTERN, cells(LATIN), blank, [10] + solution[1:], swapped(PATTERN, 0, 1), [5] * 81]
     puzzles = torch.tensor([cells(EASY)] * len(preds))
     valid, consistent = ps.check_grids(puzzles, torch.tensor(preds, dtype=torch.uint8))
-    assert valid.tolist() == [ref_valid(p) for p in preds] == [True, True, False, False, False]
+    assert valid.tolist() == [ref_valid(p) for p in preds] == [True, True, False, False, False, False, False]
     assert consistent.tolist() == [ref_agrees(cells(EASY), p) for p in preds]
+    # valid grids with a few cells changed to anything from -1 to 11, or two cells swapped, in any integer dtype
+    n = 2000
+    g = torch.Generator().manual_seed(7)
+    grids = ps.augment(torch.tensor([PATTERN] * n), torch.tensor([PATTERN] * n), generator=g)[0]
+    changed = torch.rand(n, 81, generator=g) < torch.rand(n, 1, generator=g) * 0.03
+    grids = torch.where(changed, torch.randint(-1, 12, (n, 81), generator=g), grids)
+    i, j = torch.randint(0, 81, (2, n), generator=g)
+    rows = torch.arange(n)[torch.rand(n, generator=g) < 0.3]
+    grids[rows, i[rows]], grids[rows, j[rows]] = grids[rows, j[rows]], grids[rows, i[rows]]
+    puzzles = grids * (torch.rand(n, 81, generator=g) < 0.3)
+    puzzles[::7, 5] = 1  # some givens the grid may not keep
+    expected_valid = [ref_valid(grid) for grid in grids.tolist()]
+    assert 0.2 < sum(expected_valid) / n < 0.8
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        valid, consistent = ps.check_grids(puzzles.to(dtype), grids.to(dtype))
+        assert valid.tolist() == expected_valid
+        assert consistent.tolist() == [ref_agrees(p, s) for p, s in zip(puzzles.tolist(), grids.tolist())]
+    assert [x.shape for x in ps.check_grids(puzzles[:0], grids[:0])] == [(0,), (0,)]
 
 # -----------------------------------------------------------------------------
 # solver and generator
@@ -181,24 +211,25 @@ def test_solve_counts_like_brute_force():
     for i in [i for i, d in enumerate(fewer) if d][:12]:
         fewer[i] = 0
     cases = [cells(EASY), [0] * 81, cells("11" + "." * 79), changed, fewer, cells(ps.grid_to_string(PATTERN))]
-    for puzzle in cases:
+    for puzzle in cases + [cells(HARD)]:
         expected = ref_solutions(puzzle, limit=2)
-        n, first, _ = ps.solve(puzzle, limit=2)
-        assert n == len(expected)
-        if n:
-            assert ref_valid(first) and ref_agrees(puzzle, first)
-        if n == 1:
-            assert first.tolist() == expected[0]
-    assert ps.solve(HARD, limit=2)[0] == 1
+        found = ps._solutions(puzzle, 2)[0]
+        assert len(found) == len(expected)
+        for solution in found:
+            assert ref_valid(solution) and ref_agrees(puzzle, solution)
+        if len(found) == 1:
+            assert found == expected
+        assert ps._solutions(puzzle, 1)[0] == found[:1]
+    assert len(ps._solutions([0] * 81, 5)[0]) == 5 and len(ps._solutions(cells(EASY), 5)[0]) == 1
 
 
 def test_rating_easy_and_hard():
     near_complete = list(PATTERN)
     for i in (0, 10, 20, 40, 80):
         near_complete[i] = 0
-    assert ps.rate(near_complete) == 0
-    assert ps.rate(cells(EASY)) == 0  # naked and hidden singles solve it
-    assert ps.rate(HARD) > 0
+    assert guesses_to_solve(near_complete) == 0
+    assert guesses_to_solve(cells(EASY)) == 0  # naked and hidden singles solve it
+    assert guesses_to_solve(cells(HARD)) > 0
 
 
 @pytest.mark.parametrize("n, min_givens, max_givens, seed", [(10, 20, 26, 1), (20, 30, 40, 2)])
@@ -210,7 +241,7 @@ def test_generate_unique_puzzles(n, min_givens, max_givens, seed):
         assert min_givens <= sum(1 for d in puzzle if d) <= max_givens
         assert ref_valid(solution)
         assert ref_solutions(puzzle, limit=2) == [solution]
-        assert rating == ps.rate(puzzle)
+        assert rating == guesses_to_solve(puzzle)  # the rating of the final puzzle, not of an earlier one
     assert len({bytes(row) for row in rows}) == n
     assert len({bytes(row[81:]) for row in rows}) == n  # a fresh grid for every puzzle
 
@@ -331,9 +362,12 @@ def test_invert_symmetry_round_trip():
 def test_rating_bins():
     ratings = np.array([0, 1, 2, 3, 9, 10, 29, 30, 5000])
     expected = ["0", "1-2", "1-2", "3-9", "3-9", "10-29", "10-29", "30+", "30+"]
-    assert ps.rating_bin_names(ratings) == expected
     names = [name for _, _, name in ps.RATING_BINS]
+    assert [names[i] for i in ps.bin_index(ratings)] == expected
     assert [names[i] for i in ps.bin_index(torch.tensor(ratings)).tolist()] == expected
+    names = [name for _, _, name in ps.GIVENS_BINS]
+    which = ps.bin_index(np.array([16, 17, 25, 26, 40, 41, 81]), ps.GIVENS_BINS)
+    assert [names[i] if i >= 0 else None for i in which] == [None, "17-21", "22-25", "26-29", "35-40", "41+", "41+"]
 
 # -----------------------------------------------------------------------------
 # CSV loading
@@ -390,6 +424,7 @@ def bad_variants():
         "empty rating": ((q, a, ""), "rating ''"),
         "extra field": ((q, a, r, "x"), "expected 4 comma-separated fields"),
         "missing field": (f"test,{q},{a}", "expected 4 comma-separated fields"),
+        "non-ASCII character": ((q[:5] + "\u00e9" + q[6:], a, r), "illegal character '\u00e9'"),
     }
 
 
@@ -412,6 +447,8 @@ def test_load_csv_bad_header_and_skip_bad(tmp_path):
     assert n_bad == len(variants) and (rows == decoded(good_rows(4))).all()
     with pytest.raises(FileNotFoundError):
         ps.load_csv(tmp_path / "missing.csv")
+    rows, ratings, n_bad = ps.load_csv(write_csv(tmp_path / "empty.csv", []))
+    assert rows.shape == (0, 162) and ratings.shape == (0,) and n_bad == 0
 
 # -----------------------------------------------------------------------------
 # building datasets

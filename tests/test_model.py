@@ -15,9 +15,10 @@ from model import HRM, HRMConfig, cross_entropy, flops_per_step, sudoku_attentio
 TINY = dict(hidden_size=32, num_heads=2, expansion=2.0, H_layers=1, L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=4)
 
 
-def random_tokens(batch, seed=0):
+def random_cells(batch, seed=0):
+    """Random puzzles (cells 0..9, 0 = blank) and solutions (digits 1..9): what the model takes."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 11, (batch, 81), generator=g), torch.randint(2, 11, (batch, 81), generator=g)
+    return torch.randint(0, 10, (batch, 81), generator=g), torch.randint(1, 10, (batch, 81), generator=g)
 
 
 def test_paper_parameter_count():
@@ -72,7 +73,7 @@ def test_attention_mask_changes_output_and_is_respected():
     torch.manual_seed(0)
     cfg = HRMConfig(**TINY, attn_mask='sudoku')
     model = HRM(cfg)
-    inputs, _ = random_tokens(2)
+    inputs, _ = random_cells(2)
     z_H, z_L, logits, _ = model.segment(model.H_init.expand(2, 82, -1), model.L_init.expand(2, 82, -1), inputs)
     # information still spreads through the prefix and across cycles, so check the wiring: the same
     # weights with and without the mask give different outputs
@@ -88,7 +89,7 @@ def test_one_step_gradient_matches_explicit_detach():
     torch.manual_seed(0)
     cfg = HRMConfig(**TINY)
     model = HRM(cfg)
-    inputs, labels = random_tokens(3)
+    inputs, labels = random_cells(3)
     z_H0 = torch.randn(3, 82, 32)
     z_L0 = torch.randn(3, 82, 32)
 
@@ -129,8 +130,8 @@ def test_act_halts_at_max_steps_and_replaces_halted_rows():
     cfg = HRMConfig(**TINY, halt_exploration_prob=0.0)
     model = HRM(cfg)  # q_head bias -5 and zero weight: q_halt == q_continue, so no Q halting yet
     carry = model.initial_carry(4, torch.device('cpu'))
-    first, first_labels = random_tokens(4, seed=1)
-    second, second_labels = random_tokens(4, seed=2)
+    first, first_labels = random_cells(4, seed=1)
+    second, second_labels = random_cells(4, seed=2)
     for step in range(1, cfg.halt_max_steps + 1):
         carry, out = model(carry, first if step == 1 else second, first_labels if step == 1 else second_labels)
         assert (carry.steps == step).all()
@@ -146,12 +147,12 @@ def test_act_q_halting_per_row_and_exploration():
     with torch.no_grad():
         model.q_head.bias.copy_(torch.tensor([5.0, -5.0]))  # q_halt > q_continue: halt after one segment
     carry = model.initial_carry(4, torch.device('cpu'))
-    inputs, labels = random_tokens(4)
+    inputs, labels = random_cells(4)
     carry, _ = model(carry, inputs, labels, min_halt_steps=torch.tensor([0, 3, 0, 0]))
     assert carry.halted.tolist() == [True, False, True, True]  # row 1 must explore to 3 segments
     # the next step resets halted rows only
     z_H_row1 = carry.z_H[1].clone()
-    new_inputs, new_labels = random_tokens(4, seed=5)
+    new_inputs, new_labels = random_cells(4, seed=5)
     carry2, _ = model(carry, new_inputs, new_labels, min_halt_steps=torch.tensor([0, 3, 0, 0]))
     assert carry2.steps.tolist() == [1, 2, 1, 1]
     assert torch.equal(carry2.inputs[1], inputs[1]) and torch.equal(carry2.inputs[0], new_inputs[0])
@@ -169,7 +170,7 @@ def test_q_target_is_next_segment_value():
     with torch.no_grad():
         model.q_head.weight.normal_(0, 0.3)
     carry = model.initial_carry(3, torch.device('cpu'))
-    inputs, labels = random_tokens(3)
+    inputs, labels = random_cells(3)
     carry, out = model(carry, inputs, labels, min_halt_steps=torch.zeros(3, dtype=torch.long))
     q_next = model.segment(carry.z_H, carry.z_L, carry.inputs)[3]
     expected = torch.sigmoid(torch.maximum(q_next[:, 0], q_next[:, 1]))
@@ -210,7 +211,7 @@ def test_shared_levels_is_one_module():
     assert shared.H_level is shared.L_level
     one_level = sum(p.numel() for p in separate.L_level.parameters())
     assert shared.num_params() == separate.num_params() - one_level
-    inputs, labels = random_tokens(2)
+    inputs, labels = random_cells(2)
     carry, out = shared(shared.initial_carry(2, 'cpu'), inputs, labels)
     shared.loss(carry, out)[0].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared.L_level.parameters())
@@ -236,12 +237,13 @@ def test_loss_terms_and_metrics():
     torch.manual_seed(0)
     model = HRM(HRMConfig(**TINY))
     carry = model.initial_carry(3, torch.device('cpu'))
-    inputs, labels = random_tokens(3)
+    inputs, labels = random_cells(3)
     carry, out = model(carry, inputs, labels, min_halt_steps=torch.zeros(3, dtype=torch.long))
     carry = carry._replace(halted=torch.tensor([True, False, True]))
     loss, metrics = model.loss(carry, out)
-    lm = cross_entropy(out['logits'], labels, 'stablemax').mean(-1).sum()
-    exact = (out['logits'].argmax(-1) == labels).all(-1).float()
+    tokens = labels + 1  # the vocabulary: 2..10 are the digits
+    lm = cross_entropy(out['logits'], tokens, 'stablemax').mean(-1).sum()
+    exact = (out['logits'].argmax(-1) == tokens).all(-1).float()
     qh = F.binary_cross_entropy_with_logits(out['q_halt_logits'], exact, reduction='sum')
     qc = F.binary_cross_entropy_with_logits(out['q_continue_logits'], out['target_q_continue'], reduction='sum')
     torch.testing.assert_close(loss, lm + 0.5 * (qh + qc))
@@ -255,7 +257,7 @@ def test_fixed_segments_mode_has_no_q_head():
     model = HRM(HRMConfig(**TINY, act='fixed'))
     assert not hasattr(model, 'q_head')
     carry = model.initial_carry(2, torch.device('cpu'))
-    inputs, labels = random_tokens(2)
+    inputs, labels = random_cells(2)
     for _ in range(TINY['halt_max_steps']):
         carry, out = model(carry, inputs, labels)
     assert carry.halted.all() and set(out) == {'logits'}
@@ -266,7 +268,7 @@ def test_fixed_segments_mode_has_no_q_head():
 def test_solve_runs_all_segments_and_halts_with_act():
     torch.manual_seed(0)
     model = HRM(HRMConfig(**TINY)).eval()
-    puzzles = random_tokens(3)[0] - 1  # cells 0..9
+    puzzles = random_cells(3)[0]
     result = model.solve(puzzles, trace=True)
     assert (result.steps == 4).all() and result.history.shape == (4, 3, 1, 81)
     assert torch.equal(result.history[-1, :, 0], result.grids)
@@ -281,7 +283,7 @@ def test_answers_are_always_digits():
     model = HRM(HRMConfig(**TINY)).eval()
     with torch.no_grad():
         model.lm_head.weight[:2] += 10.0 * model.lm_head.weight[2:].abs().max()
-    puzzles = random_tokens(16)[0] - 1
+    puzzles = random_cells(16)[0]
     for views in (1, 3):
         grids = model.solve(puzzles, segments=2, views=views, check=True).grids
         assert grids.shape == (16, 81) and grids.min() >= 1 and grids.max() <= 9
@@ -289,7 +291,7 @@ def test_answers_are_always_digits():
 
 # test-time compute with stub models: what the "network" answers is set per view, so selection and
 # halting can be checked against known solutions. Puzzles come from the generator (unique solutions)
-# and their solutions from the brute-force solver of prepare_sudoku, independent of the model.
+# and their solutions from prepare_sudoku.generate, independent of the model.
 
 import prepare_sudoku as sudoku  # noqa: E402
 
@@ -310,12 +312,12 @@ class StubHRM(HRM):
         self.answer_for = answer_for
         self.calls = []
 
-    def segment(self, z_H, z_L, inputs):
+    def segment(self, z_H, z_L, cells):
         t = int(z_H[0, 0, 0]) + 1
-        self.calls.append(len(inputs))
-        answers = torch.stack([self.answer_for(row - 1, t) for row in inputs])
+        self.calls.append(len(cells))
+        answers = torch.stack([self.answer_for(row, t) for row in cells])
         logits = F.one_hot(answers + 1, 11).float() * 10
-        z_H = torch.full((len(inputs), 82, 32), float(t))
+        z_H = torch.full((len(cells), 82, 32), float(t))
         return z_H, z_H.clone(), logits, None
 
 
@@ -407,7 +409,7 @@ def test_tiny_model_overfits_a_handful_of_puzzles():
     model = HRM(HRMConfig(hidden_size=64, num_heads=2, H_layers=1, L_layers=1, H_cycles=1, L_cycles=1,
                           halt_max_steps=1, act='fixed', loss='softmax'))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    inputs, labels = random_tokens(4, seed=3)
+    inputs, labels = random_cells(4, seed=3)
     carry = model.initial_carry(4, torch.device('cpu'))
     for step in range(300):
         carry, out = model(carry, inputs, labels)
@@ -428,7 +430,7 @@ def test_triton_attention_path_matches_sdpa_path():
     cfg = dict(TINY, hidden_size=64, num_heads=2, attn_mask='sudoku', grad_mode='full')
     models = {impl: HRM(HRMConfig(**cfg, attn_impl=impl)) for impl in ('sdpa', 'triton')}
     models['triton'].load_state_dict(models['sdpa'].state_dict())
-    inputs, _ = random_tokens(2)
+    inputs, _ = random_cells(2)
     results = {}
     for impl, model in models.items():
         z = model.H_init.expand(2, 82, -1)

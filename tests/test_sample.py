@@ -3,6 +3,7 @@ End-to-end tests of sample.py on a tiny checkpoint trained once per session (pap
 The model is barely trained, so its answers are mostly wrong: the tests check that what sample.py
 reports about an answer (valid, consistent, accuracy, segments) matches an independent check of that
 answer, not that the answer is right. Invocations are started together to share the start-up time.
+One test drives sample.solve_all in process with a stand-in model.
 """
 
 import json
@@ -13,15 +14,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import prepare_sudoku as sudoku
+import sample
+from model import Solution
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / 'sample.py')
 HALT_MAX_STEPS = 3
 TINY = ['--hidden_size=32', '--num_heads=2', '--H_layers=1', '--L_layers=1', '--H_cycles=1', '--L_cycles=2',
-        f'--halt_max_steps={HALT_MAX_STEPS}', '--global_batch_size=16', '--warmup_iters=5', '--lr=1e-3', '--puzzle_emb_lr=1e-3',
-        '--log_interval=5', '--eval_max_puzzles=32', '--compile=False', '--device=cpu', '--act=q', '--max_iters=10']
+        f'--halt_max_steps={HALT_MAX_STEPS}', '--global_batch_size=16', '--warmup_iters=5', '--lr=1e-3',
+        '--puzzle_emb_lr=1e-3', '--log_interval=5', '--eval_max_puzzles=32', '--compile=False', '--device=cpu',
+        '--act=q', '--max_iters=10']
 EXAMPLE = '53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79'
 
 
@@ -30,7 +35,8 @@ def run_env():
 
 
 def ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, \
+        f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     assert 'Traceback' not in result.stderr, result.stderr
     return result
 
@@ -64,7 +70,8 @@ def check(puzzle, answer):
     grid = [answer[r * 9:r * 9 + 9] for r in range(9)]
     units = [list(row) for row in grid]
     units += [[grid[r][c] for r in range(9)] for c in range(9)]
-    units += [[grid[r][c] for r in range(br, br + 3) for c in range(bc, bc + 3)] for br in (0, 3, 6) for bc in (0, 3, 6)]
+    units += [[grid[r][c] for r in range(br, br + 3) for c in range(bc, bc + 3)]
+              for br in (0, 3, 6) for bc in (0, 3, 6)]
     valid = all(sorted(unit) == list('123456789') for unit in units)
     consistent = all(p == '.' or p == a for p, a in zip(puzzle, answer))
     return valid, consistent
@@ -106,7 +113,8 @@ def checkpoint(data_dir, tmp_path_factory):
 def test_puzzles(data_dir):
     rows = sudoku.read_split(data_dir, 'test')[:8]
     ratings = sudoku.read_ratings(data_dir, 'test')[:8]
-    return [(sudoku.grid_to_string(r[:81]), ''.join(str(d) for d in r[81:]), int(rating)) for r, rating in zip(rows, ratings)]
+    return [(sudoku.grid_to_string(r[:81]), ''.join(str(d) for d in r[81:]), int(rating))
+            for r, rating in zip(rows, ratings)]
 
 
 @pytest.fixture(scope='module')
@@ -229,6 +237,23 @@ def test_trace_shows_each_segment(good, test_puzzles):
     lines = [line for line in stdout.splitlines() if line.startswith('segment ')]
     assert lines and all(re.search(r'\((\d)/3 views check\)', line) for line in lines)
     assert re.search(r'answer from view [123] of 3|no view checks: per-cell vote over 3 views', stdout)
+
+
+def test_trace_over_batches_that_ran_different_numbers_of_segments(monkeypatch):
+    # model.solve stops a batch once every row in it has halted, so two batches' traces can differ in length
+    class Model:
+        def solve(self, puzzles, segments=None, halt=False, views=1, check=False, trace=False, generator=None):
+            B, T = len(puzzles), 1 + int(puzzles[0, 0])  # the first cell says how many segments the batch runs
+            return Solution(grids=torch.ones(B, 81, dtype=torch.long), steps=torch.full((B,), T),
+                            checked=torch.zeros(B, dtype=torch.bool), view=torch.zeros(B, dtype=torch.long),
+                            q_halt=None, history=torch.ones(T, B, views, 81, dtype=torch.long) if trace else None)
+
+    monkeypatch.setattr(sample, 'batch_size', 2)
+    puzzles = torch.zeros(3, 81, dtype=torch.long)
+    puzzles[2, 0] = 2  # batches [0, 1] and [2]: 1 and 3 segments
+    result, seconds = sample.solve_all(Model(), puzzles, None, views=2, trace=True)
+    assert result['steps'].tolist() == [1, 1, 3] and seconds > 0
+    assert [tuple(h.shape) for h in result['history']] == [(1, 2, 81), (1, 2, 81), (3, 2, 81)]
 
 
 # bad input ----------------------------------------------------------------------------------------------
