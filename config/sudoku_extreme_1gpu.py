@@ -5,22 +5,24 @@
 #   python train.py config/sudoku_extreme_1gpu.py
 out_dir = 'out-sudoku-extreme-1gpu'
 data_dir = 'data/sudoku-extreme-1k'
-# model: HRM's two modules at the paper's width, TRM's depth (2 layers each, H_cycles 3, L_cycles 6) and
-# recurrent relational networks' prior (each cell attends to its row, column and box: attn_mask='sudoku')
+# model: HRM's recurrence at the paper's width, TRM's depth (2 layers, H_cycles 3, L_cycles 6) and one network
+# for both levels (shared_levels: it won on CPU), and recurrent relational networks' prior (each cell attends
+# to its row, column and box: attn_mask='sudoku')
 hidden_size = 512
 num_heads = 8
 H_layers = 2
 L_layers = 2
 H_cycles = 3
 L_cycles = 6
+shared_levels = True
 halt_max_steps = 16
 act = 'q'
 q_target = False          # TRM drops the Q-continue target's extra forward
 attn_mask = 'sudoku'
 # curriculum (the CPU runs' winning lever): puzzles start filled in to 40 givens and lose one clue after each
-# log interval in which half of the training puzzles come out exact
+# log interval in which 80% of the training puzzles come out exact
 curriculum_givens = 40
-curriculum_pace = 0.5
+curriculum_pace = 0.8
 log_interval = 50
 # training: TRM's optimizer settings, EMA and batch
 global_batch_size = 768
