@@ -510,7 +510,8 @@ def load_checkpoint(path, device, dtype=None):
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
         run_config = checkpoint['config']
-        model_config = HRMConfig(**{k: run_config[k] for k in HRMConfig.__dataclass_fields__})
+        # a key newer than the run keeps its default, which is what that run used
+        model_config = HRMConfig(**{k: run_config[k] for k in HRMConfig.__dataclass_fields__ if k in run_config})
         if dtype is None:
             name = run_config.get('dtype', 'auto')
             name = name if name != 'auto' else 'bfloat16' if device.type == 'cuda' else 'float32'

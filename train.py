@@ -220,8 +220,8 @@ if init_from == 'resume' or eval_only:
     # onto the CPU: the RNG states must stay there (torch.set_rng_state takes only a CPU tensor), and the
     # model, optimizer and carry are moved to the device as they are loaded below
     checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    for k in model_keys:  # the architecture comes from the checkpoint
-        config[k] = checkpoint['config'][k]
+    for k in model_keys:  # the architecture comes from the checkpoint (a key newer than it: the default it ran with)
+        config[k] = checkpoint['config'].get(k, HRMConfig.__dataclass_fields__[k].default)
 elif init_from != 'scratch':
     fail(f"init_from={init_from!r} is not 'scratch' or 'resume'")
 try:
