@@ -3,12 +3,10 @@ Speed and memory of nanoHRM on this machine (the first CUDA GPU if there is one,
     python bench.py                                  # every section, sizes chosen for the device
     python bench.py --sections=train,inference --json=bench.json
     python bench.py --quick                          # every section at toy sizes, in seconds (tests/test_bench.py)
-Sections: attention (Triton kernel, SDPA, naive), optimizer (AdamATan2 foreach vs per-tensor), train (the step
-as train.py runs it, per config and attention/compile variant), memory (the step per micro-batch size), inference
-(HRM.solve at 16 segments with 1 and 8 views, and one puzzle as sample.py solves it). Each timing reports the
-first call on its own (for compiled code mostly compilation), then min / median over repeats for at most
-max_seconds. A row that runs out of memory reads OOM; one that fails otherwise prints its error and the exit code
-is then 1; either way the run goes on.
+Sections: attention (Triton kernel, SDPA, naive), optimizer (AdamATan2 foreach vs per-tensor), train (the step as
+train.py runs it), memory (the step per micro-batch size), inference (HRM.solve, and one puzzle as sample.py solves
+it). A row that runs out of memory reads OOM; one that fails otherwise prints its error and the exit code is then 1;
+either way the run goes on.
 """
 
 import gc
@@ -56,107 +54,96 @@ infer_batch = 0               # puzzles per solve at views=1 (views=8: 1/8 of th
 sample_out_dir = ''           # a train.py out_dir whose ckpt.pt the single puzzle loads; '' = a random-init CPU model
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-SECTIONS = ('attention', 'optimizer', 'train', 'memory', 'inference')
-# quick=True shrinks both models to this: every code path of the paper model (Q head, Q target), no real compute
-TOY = dict(hidden_size=32, num_heads=2, expansion=2.0, H_layers=1, L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=3)
-
-
-# also accepted: --quick for --quick=True, and nanoGPT's --json=PATH for --json_path=PATH
-args = [a.replace('--json=', '--json_path=', 1) if a.startswith('--json=') else a + '=True' if a == '--quick' else a
-        for a in sys.argv[1:]]
-try:
-    configure(globals(), args)
+try:  # also accepted: --quick for --quick=True, and nanoGPT's --json=PATH for --json_path=PATH
+    configure(globals(), [a.replace('--json=', '--json_path=', 1) if a.startswith('--json=') else
+                          a + '=True' if a == '--quick' else a for a in sys.argv[1:]])
 except ConfigError as e:
     fail(e)
-config = {k: globals()[k] for k in config_keys}
-wanted, configs_wanted = sections.split(','), train_configs.split(',')
-if not set(wanted) <= set(SECTIONS):
-    fail(f"sections={sections!r}: choose from {','.join(SECTIONS)}")
-if not set(configs_wanted) <= {'paper', 'cpu'}:
-    fail(f"train_configs={train_configs!r}: choose from paper,cpu")
+config = {k: globals()[k] for k in config_keys}  # as given, before 'auto' and 0 are resolved below
 device = device if device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
 on_gpu = torch.device(device).type == 'cuda'
 dtype = dtype if dtype != 'auto' else 'bfloat16' if on_gpu else 'float32'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
-ptdtype = getattr(torch, dtype)
+SECTIONS = ('attention', 'optimizer', 'train', 'memory', 'inference')
+for key, value, choices in (('sections', sections, SECTIONS), ('train_configs', train_configs, ('paper', 'cpu')),
+                            ('dtype', dtype, ('float32', 'bfloat16', 'float16'))):
+    if not set(value.split(',')) <= set(choices):
+        fail(f"{key}={value!r}: choose from {','.join(choices)}")
+wanted, configs_wanted, ptdtype = sections.split(','), train_configs.split(','), getattr(torch, dtype)
 if threads or quick:  # toy-sized ops gain nothing from more threads, and lose much when other processes share the cores
     torch.set_num_threads(threads or 1)
 if on_gpu:
     torch.cuda.set_device(torch.device(device).index or 0)  # CUDA events and memory stats go to the current device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
 PEAK_TFLOPS = peak_tflops(torch.cuda.get_device_name()) if on_gpu and ptdtype != torch.float32 else None
+MEMORY = 'memory in GiB: peak allocated, reserved' if on_gpu else "memory in GiB: the process's peak RSS so far"
+if json_path:
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
 sys.stdout.reconfigure(line_buffering=True)  # each row shows as it finishes, also into a pipe
+failures = []  # rows that failed for a reason other than memory: the exit code is then 1
 
 
 def size(value, gpu, cpu, toy):  # a config value, or where it is left at 0 the size for this run
     return value or (toy if quick else gpu if on_gpu else cpu)
 
 
-def train_settings(config_file=''):
-    """(HRMConfig, settings) as train.py would run them: its config block run on its own (importing train.py would
-    start a run), then config_file applied by configurator.py, as train.py applies it."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    block = open(os.path.join(root, 'train.py')).read().split('\n# ' + '-' * 77 + '\n')[1]
-    scope = dict(fields=fields, HRMConfig=HRMConfig)  # the block's names from train.py's imports
-    exec(block, scope)
-    settings = {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-    if config_file:
-        configure(settings, [config_file if os.path.exists(config_file) else os.path.join(root, config_file)])
-    return HRMConfig(**{f.name: settings[f.name] for f in fields(HRMConfig)}), settings
-
-
+# the settings and models as train.py would run them: its config block run on its own (importing train.py would
+# start a run) is the paper recipe; the CPU config is cpu_config applied to it by configurator.py, as train.py does
+root = os.path.dirname(os.path.abspath(__file__))
+scope = dict(fields=fields, HRMConfig=HRMConfig)  # the block's names from train.py's imports
+exec(open(os.path.join(root, 'train.py')).read().split('\n# ' + '-' * 77 + '\n')[1], scope)
+SETTINGS = {'paper': {k: v for k, v in scope.items() if isinstance(v, (int, float, bool, str))}}
+SETTINGS['cpu'] = dict(SETTINGS['paper'])
 try:
-    MODELS = {'paper': train_settings(), 'cpu': train_settings(cpu_config)}
+    configure(SETTINGS['cpu'], [cpu_config if os.path.exists(cpu_config) else os.path.join(root, cpu_config)])
+    MODELS = {name: HRMConfig(**{f.name: s[f.name] for f in fields(HRMConfig)}) for name, s in SETTINGS.items()}
 except (ConfigError, ValueError, TypeError) as e:
     fail(f"cpu_config={cpu_config!r}: {e}")
-if quick:
-    MODELS = {name: (replace(model_config, **TOY), settings) for name, (model_config, settings) in MODELS.items()}
-BATCH = {'paper': size(paper_batch, 768, 8, 4),
-         'cpu': cpu_batch or (4 if quick else MODELS['cpu'][1]['global_batch_size'])}
+if quick:  # every code path of the paper model (Q head, Q target) at toy sizes, no real compute
+    MODELS = {name: replace(model_config, hidden_size=32, num_heads=2, expansion=2.0, H_layers=1, L_layers=1,
+                            H_cycles=2, L_cycles=2, halt_max_steps=3) for name, model_config in MODELS.items()}
+BATCH = dict(paper=size(paper_batch, 768, 8, 4),
+             cpu=cpu_batch or (4 if quick else SETTINGS['cpu']['global_batch_size']))
 repeats, max_seconds, segments = size(repeats, 20, 3, 1), size(max_seconds, 3.0, 30.0, 5.0), size(segments, 16, 16, 2)
 
 # -----------------------------------------------------------------------------
 # measuring
 
 
-def elapsed_ms(fn, calls=1):
-    """Milliseconds per call over `calls` back-to-back calls. On GPU from an idle device to the end of their work,
-    between CUDA events: short kernels are timed without a host round trip per call."""
-    if on_gpu:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if on_gpu:
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / calls
-    return 1000 * (time.perf_counter() - t0) / calls
-
-
-def measure(fn, inner=1):
-    """The first call on its own (the warm-up; for compiled code mostly compilation), then up to `repeats` timings
-    of `inner` calls each, stopping after max_seconds."""
-    first_s = elapsed_ms(fn) / 1000
+def measure(fn, inner=1, puzzles=0, tflop=0.0):
+    """The first call on its own (for compiled code mostly compilation), then up to `repeats` timings of `inner` calls
+    each, stopping after max_seconds, and given a call's `puzzles` and `tflop`, the rates at the median. On GPU a
+    timing runs from an idle device to the end of the calls' work, between CUDA events: no host sync per call."""
+    def ms_per_call(calls):
+        if on_gpu:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if on_gpu:
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / calls
+        return 1000 * (time.perf_counter() - t0) / calls
+    first_s = ms_per_call(1) / 1000
     times, deadline = [], time.perf_counter() + max_seconds
     while len(times) < repeats and (not times or time.perf_counter() < deadline):
-        times.append(elapsed_ms(fn, inner))
-    return dict(min_ms=min(times), median_ms=statistics.median(times), repeats=len(times), first_s=first_s)
+        times.append(ms_per_call(inner))
+    row = dict(min_ms=min(times), median_ms=statistics.median(times), repeats=len(times), first_s=first_s)
+    if puzzles:
+        seconds = row['median_ms'] / 1000
+        row.update(puzzles_per_s=puzzles / seconds, tflops=tflop / seconds,
+                   mfu=PEAK_TFLOPS and tflop / seconds / PEAK_TFLOPS)
+    return row
 
 
-def reset_memory():
-    """Free what earlier rows left, so that the next GPU peak starts from a clean baseline."""
+def reset_memory():  # free what earlier rows left, so that the next GPU peak starts from a clean baseline
     torch._dynamo.reset()  # compiled code can hold on to the model it was compiled for
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-failures = []  # rows that failed for a reason other than memory: the exit code is then 1
 
 
 def run_row(what, fn):
@@ -176,58 +163,37 @@ def run_row(what, fn):
     return dict(failed=failed)
 
 
-def throughput(result, tflop, puzzles):
-    seconds = result['median_ms'] / 1000
-    return dict(**result, puzzles_per_s=puzzles / seconds, tflops=tflop / seconds,
-                mfu=PEAK_TFLOPS and tflop / seconds / PEAK_TFLOPS)
+def triton_problem(head_dim):  # why this run has no Triton rows at this head_dim, or None
+    return (triton_attention_problem(head_dim, ptdtype, torch.device(device)) if on_gpu else
+            "on CPU the Triton kernel runs only in its interpreter, a correctness tool, not a speed measure")
 
 
-def triton_problem(head_dim):
-    """Why this run has no Triton rows at this head_dim, or None."""
-    if not on_gpu:
-        return "on CPU the Triton kernel runs only in its interpreter, a correctness tool, not a speed measure"
-    return triton_attention_problem(head_dim, ptdtype, torch.device(device))
-
-
-def ms(row):
-    return f"{row['min_ms']:9.2f} / {row['median_ms']:9.2f}"
-
-
-def gib(n):
-    return '-' if n is None else f"{n / 2**30:.2f} GiB"
-
-
-MEMORY = 'peak mem = allocated' if on_gpu else "peak mem = the process's peak RSS so far"
-HEADER = (f"{'batch':>5s} {'ms, min / median':>21s} {'puzzles/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>10s} "
-          f"{'reserved':>10s} first call")
-
-
-def line(label, batch, row):
-    """A train, memory or inference row under HEADER."""
+def describe(row):
+    """One row as a line: ms per call, min / median, then the rates, MFU and peak memory where it has them."""
     if 'failed' in row:
-        return f"  {label:23s} {batch:5d}  {row['failed']}"
-    rate, mfu = row['puzzles_per_s'], '-' if row['mfu'] is None else f"{row['mfu']:.1%}"
-    return (f"  {label:23s} {batch:5d} {ms(row)} {f'{rate:.1f}' if rate >= 10 else f'{rate:.3g}':>10s} "
-            f"{row['tflops']:8.3f} {mfu:>6s} {gib(row.get('peak_memory_bytes')):>10s} "
-            f"{gib(row.get('peak_reserved_bytes')):>10s} {row['first_s']:9.1f}s")
+        return row['failed']
+    text = f"{row['min_ms']:9.2f} / {row['median_ms']:9.2f} ms"
+    for key, scale, unit in (('puzzles_per_s', 1, 'puzzles/s'), ('tflops', 1, 'TFLOP/s'), ('mfu', 100, '% MFU'),
+                             ('peak_memory_bytes', 2**-30, 'GiB'), ('peak_reserved_bytes', 2**-30, 'GiB reserved')):
+        text += '' if row.get(key) is None else f" {row[key] * scale:9.5g} {unit}"
+    return text + f", first call {row['first_s']:.1f} s"
 
 
 # -----------------------------------------------------------------------------
 # the sections; each prints its rows and returns its JSON record
+
 
 def bench_attention():
     B, S, H, D = size(attn_batch, 768, 32, 2), 82, 8, 64
     # q, k, v are views of one fused qkv tensor, as the model's qkv projection hands them over
     qkv = torch.randn(B, S, 3, H, D, device=device, dtype=ptdtype)
     grad_out = torch.randn(B, S, H, D, device=device, dtype=ptdtype)
-    print(f"attention  B={B} S={S} H={H} D={D} {dtype}   ms per call, min / median")
-    print(f"  {'impl':10s} {'mask':7s} {'forward':>21s}   {'forward+backward':>21s}")
+    print(f"attention  B={B} S={S} H={H} D={D} {dtype}, per call: forward (no grad) | forward+backward")
     impls = dict(triton=fused_attention, sdpa=sdpa_attention, reference=attention_reference)
     if triton_problem(D):
-        del impls['triton']
         print(f"  triton     skipped: {triton_problem(D)}")
-    inner = 10 if on_gpu else 1  # calls of ~0.1 ms on a GPU: one event pair per 10
-    rows = []
+        del impls['triton']
+    inner, rows = 10 if on_gpu else 1, []  # calls of ~0.1 ms on a GPU: one event pair per 10
     for name, attend in impls.items():
         for mask_name, mask in (('none', None), ('sudoku', sudoku_attention_mask().to(device))):
             def forward():
@@ -241,15 +207,15 @@ def bench_attention():
                 forward=measure(forward, inner), forward_backward=measure(forward_backward, inner)))
             rows.append(dict(impl=name, mask=mask_name, **row))
             print(f"  {name:10s} {mask_name:7s} "
-                  + (row.get('failed') or f"{ms(row['forward'])}   {ms(row['forward_backward'])}"))
+                  + (row.get('failed') or f"{describe(row['forward'])} | {describe(row['forward_backward'])}"))
     return dict(shape=dict(batch=B, seq=S, heads=H, head_dim=D), results=rows)
 
 
 def bench_optimizer():
-    model_config, settings = MODELS['paper']
+    model_config, settings = MODELS['paper'], SETTINGS['paper']
     shapes = [p.shape for n, p in HRM(model_config).named_parameters() if n != 'puzzle_emb']
     numel = sum(s.numel() for s in shapes)
-    print(f"optimizer  AdamATan2 step, {numel / 1e6:.2f}M fp32 params in {len(shapes)} tensors   ms, min / median")
+    print(f"optimizer  AdamATan2 step, {numel / 1e6:.2f}M fp32 params in {len(shapes)} tensors")
     rows = []
     for foreach in (True, False):
         def row():
@@ -261,17 +227,17 @@ def bench_optimizer():
                                   weight_decay=settings['weight_decay'], foreach=foreach)
             return measure(optimizer.step)  # the first step, not timed, allocates the moments
         rows.append(dict(foreach=foreach, **run_row(f"optimizer foreach={foreach}", row)))
-        print(f"  foreach={str(foreach):5s}          " + (rows[-1].get('failed') or ms(rows[-1])))
+        print(f"  foreach={str(foreach):5s} {describe(rows[-1])}")
     speedup = None if any('failed' in r for r in rows) else rows[1]['median_ms'] / rows[0]['median_ms']
     if speedup:
         print(f"  foreach speedup {speedup:.2f}x")
     return dict(params=numel, tensors=len(shapes), results=rows, foreach_speedup=speedup)
 
 
-def train_row(name, batch, attn_impl, compiled, accumulation=1):
-    """The training step as train.py runs it, on random puzzles (its speed does not depend on them): a fresh model
-    and its optimizers, then steps of `accumulation` micro-batches, each with its own ACT carry."""
-    model_config, settings = MODELS[name]
+def train_row(name, batch, variant, accumulation=1):
+    """The training step as train.py runs it, on random puzzles (its speed does not depend on them): a fresh model in
+    `variant` ('eager+sdpa', ...), its optimizers, then steps of `accumulation` micro-batches, each with its carry."""
+    model_config, settings, (compiled, attn_impl) = MODELS[name], SETTINGS[name], variant.split('+')
     reset_memory()
     torch.manual_seed(seed)
     model = HRM(replace(model_config, attn_impl=attn_impl), dtype=ptdtype).to(device)
@@ -280,11 +246,10 @@ def train_row(name, batch, attn_impl, compiled, accumulation=1):
                           foreach=on_gpu)  # as train.py: per-tensor is the faster on CPU
     emb_optimizer = SignSGD([model.puzzle_emb], lr=settings['puzzle_emb_lr'],
                             weight_decay=settings['puzzle_emb_weight_decay'])
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if compiled == 'compiled' else model
     micro_batch = batch // accumulation
     carries = [model.initial_carry(micro_batch, device) for _ in range(accumulation)]
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sums = {}
+    generator, sums = torch.Generator(device=device).manual_seed(seed), {}
 
     def step():  # get_batch, less the dataset and augmentation, then train.py's loop body
         puzzles = torch.randint(0, 10, (batch, 81), device=device, dtype=torch.uint8, generator=generator)  # 0 = blank
@@ -303,80 +268,46 @@ def train_row(name, batch, attn_impl, compiled, accumulation=1):
         emb_optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         emb_optimizer.zero_grad(set_to_none=True)
-    result = measure(step)
     tflop = flops_per_step(model_config, batch) / 1e12
-    if on_gpu:  # since reset_memory(): weights and optimizer state included
-        peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    else:  # it cannot be reset: the largest of this row's and those before it (kB on Linux, bytes on macOS)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-        reserved = None
-    return dict(**throughput(result, tflop, batch), tflop_per_step=tflop, peak_memory_bytes=peak,
-                peak_reserved_bytes=reserved)
+    result = measure(step, puzzles=batch, tflop=tflop)
+    # on GPU since reset_memory(), weights and optimizer state included; on CPU the process's peak RSS, which cannot
+    # be reset: the largest of this row's and those before it (kB on Linux, bytes on macOS)
+    peak = (torch.cuda.max_memory_allocated() if on_gpu else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024))
+    return dict(**result, tflop_per_step=tflop, peak_memory_bytes=peak,
+                peak_reserved_bytes=torch.cuda.max_memory_reserved() if on_gpu else None)
 
 
 def bench_train():
-    print(f"train step  random puzzles, {dtype}, {MEMORY}\n  {'config  variant':23s} {HEADER}")
+    print(f"train step  random puzzles, {dtype}, {MEMORY}")
     rows, notes = [], [] if on_gpu or cpu_compile else ["no compiled+sdpa rows: --cpu_compile=True times them"]
     for name in configs_wanted:
-        model_config, batch = MODELS[name][0], BATCH[name]
+        model_config, batch = MODELS[name], BATCH[name]
         problem = triton_problem(model_config.hidden_size // model_config.num_heads)
-        variants = [('eager+sdpa', 'sdpa', False)]
-        if not problem:
-            variants += [('eager+triton', 'triton', False), ('compiled+triton', 'triton', True)]
-        else:
-            notes.append(f"no triton rows: {problem}")
-            variants += [('compiled+sdpa', 'sdpa', True)] if cpu_compile and not on_gpu else []
-        for variant, attn_impl, compiled in variants:
-            row = run_row(f"train {name} {variant}", lambda: train_row(name, batch, attn_impl, compiled))
+        notes += [f"no triton rows: {problem}"] if problem else []
+        for variant in ['eager+sdpa'] + (['eager+triton', 'compiled+triton'] if not problem else
+                                         ['compiled+sdpa'] if cpu_compile and not on_gpu else []):
+            row = run_row(f"train {name} {variant}", lambda: train_row(name, batch, variant))
             rows.append(dict(config=name, variant=variant, batch=batch, **row))
-            print(line(f"{name:7s} {variant}", batch, row))
-        done = [r for r in rows if r['config'] == name and 'failed' not in r]
-        if len(done) > 1 and done[0]['variant'] == 'eager+sdpa':
-            best = min(done, key=lambda r: r['median_ms'])
-            print(f"  {name:7s} best/plain {done[0]['median_ms'] / best['median_ms']:.2f}x ({best['variant']})")
+            print(f"  {name:5s} {variant:15s} batch {batch:4d} {describe(row)}")
     notes = list(dict.fromkeys(notes))  # on CPU both configs give the same reason
     print(''.join(f"  note: {note}\n" for note in notes), end='')
-    return dict(results=rows, notes=notes, models={name: asdict(MODELS[name][0]) for name in configs_wanted})
+    return dict(results=rows, notes=notes, models={name: asdict(MODELS[name]) for name in configs_wanted})
 
 
 def bench_memory():
     # the question is what fits on a GPU: the paper recipe's global batch there; on CPU the CPU config's
     name = 'paper' if on_gpu else 'cpu'
-    model_config, batch = MODELS[name][0], BATCH[name]
-    triton = not triton_problem(model_config.hidden_size // model_config.num_heads)  # as attn_impl='auto' picks
-    variant = ('compiled' if accum_compile else 'eager') + ('+triton' if triton else '+sdpa')
+    model_config, batch = MODELS[name], BATCH[name]
+    variant = (('compiled' if accum_compile else 'eager')  # and the attention that attn_impl='auto' picks
+               + ('+sdpa' if triton_problem(model_config.hidden_size // model_config.num_heads) else '+triton'))
     print(f"memory  {name} config, global batch {batch} in micro-batches, {variant}, {dtype}, {MEMORY}")
-    print(f"  {'micro x accumulation':23s} {HEADER}")
     rows = []
     for accumulation in [int(a) for a in accum_splits.split(',') if batch % int(a) == 0]:
-        row = run_row(f"memory {accumulation} micro-batches",
-                      lambda: train_row(name, batch, 'auto', accum_compile, accumulation))
+        row = run_row(f"memory {accumulation} micro-batches", lambda: train_row(name, batch, variant, accumulation))
         rows.append(dict(micro_batch=batch // accumulation, accumulation=accumulation, **row))
-        print(line(f"{batch // accumulation} x {accumulation}", batch, row))
+        print(f"  {f'{batch // accumulation} x {accumulation}':>10s} {describe(row)}")
     return dict(config=name, global_batch=batch, variant=variant, results=rows)
-
-
-def bench_inference():
-    print(f"inference  HRM.solve, {segments} segments, random puzzles; views=8 solves 1/8 the puzzles: the same rows")
-    print(f"  {'config  views':23s} {HEADER}")
-    rows = []
-    for name in configs_wanted:
-        model_config = MODELS[name][0]
-        torch.manual_seed(seed)
-        model = HRM(model_config, dtype=ptdtype).to(device).eval()
-        for views in (1, 8):
-            batch = max(1, size(infer_batch, 768, 1 if name == 'paper' else 32, 8) // views)
-            puzzles = torch.randint(0, 10, (batch, 81), device=device)  # cells, 0 = blank
-            tflop = flops_per_step(model_config, batch * views, training=False) * segments / 1e12
-            row = run_row(f"inference {name} views={views}", lambda: dict(**throughput(
-                measure(lambda: model.solve(puzzles, segments=segments, views=views)), tflop, batch),
-                tflop_per_solve=tflop))
-            rows.append(dict(config=name, views=views, batch=batch, segments=segments, **row))
-            print(line(f"{name:7s} {views:5d}", batch, row))
-        del model
-    single = run_row("inference single puzzle", single_puzzle)
-    print(f"  single puzzle: {single.get('failed') or single['summary']}")
-    return dict(batch=rows, single_puzzle=single)
 
 
 def single_puzzle():
@@ -387,8 +318,8 @@ def single_puzzle():
         path = os.path.join(sample_out_dir or tmp, 'ckpt.pt')
         if not sample_out_dir:  # what train.py saves, less the optimizer and data-order state sample.py never reads
             torch.manual_seed(seed)
-            torch.save({'model': HRM(MODELS['cpu'][0]).state_dict(), 'ema': None,
-                        'config': {**MODELS['cpu'][1], **asdict(MODELS['cpu'][0])}}, path)
+            torch.save({'model': HRM(MODELS['cpu']).state_dict(), 'ema': None,
+                        'config': {**SETTINGS['cpu'], **asdict(MODELS['cpu'])}}, path)
         load = measure(lambda: load_checkpoint(path, device, dtype=ptdtype))
         model, run_config = load_checkpoint(path, device, dtype=ptdtype)
     act = model.config.act == 'q'
@@ -400,6 +331,27 @@ def single_puzzle():
                f"check={sample.check} {'with ACT halting' if act else 'at its eval_segments'}: load "
                f"{load['median_ms']:.1f} ms + solve {solve['median_ms']:.1f} ms (medians)")
     return dict(summary=summary, load=load, solve=solve)
+
+
+def bench_inference():
+    print(f"inference  HRM.solve, {segments} segments, random puzzles; views=8 solves 1/8 the puzzles: the same rows")
+    rows = []
+    for name in configs_wanted:
+        model_config = MODELS[name]
+        torch.manual_seed(seed)
+        model = HRM(model_config, dtype=ptdtype).to(device).eval()
+        for views in (1, 8):
+            batch = max(1, size(infer_batch, 768, 1 if name == 'paper' else 32, 8) // views)
+            puzzles = torch.randint(0, 10, (batch, 81), device=device)  # cells, 0 = blank
+            tflop = flops_per_step(model_config, batch * views, training=False) * segments / 1e12
+            row = run_row(f"inference {name} views={views}", lambda: dict(**measure(
+                lambda: model.solve(puzzles, segments=segments, views=views), puzzles=batch, tflop=tflop),
+                tflop_per_solve=tflop))
+            rows.append(dict(config=name, views=views, batch=batch, segments=segments, **row))
+            print(f"  {name:5s} views={views} batch {batch:4d} {describe(row)}")
+    single = run_row("inference single puzzle", single_puzzle)
+    print(f"  single puzzle: {single.get('failed') or single['summary']}")
+    return dict(batch=rows, single_puzzle=single)
 
 
 # -----------------------------------------------------------------------------
@@ -418,26 +370,19 @@ print(f"== nanoHRM bench{' --quick' if quick else ''} | {environment['gpu'] or e
       f"| torch {torch.__version__} | triton {environment['triton']} | {os.cpu_count()} CPUs, "
       f"{torch.get_num_threads()} threads | {environment['date']} | load average {record['load_average_before']} ==")
 print(f"paper config at batch 768: {paper_tflop:.2f} TFLOP per training step (analytic, flops_per_step)")
-runners = dict(attention=bench_attention, optimizer=bench_optimizer, train=bench_train, memory=bench_memory,
-               inference=bench_inference)
-
-
-def write_json():
-    if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, 'w') as f:
-            json.dump(record, f, indent=1)
-
-
-for section in [s for s in SECTIONS if s in wanted]:
-    t0 = time.time()
-    record[section] = run_row(section, runners[section])  # a section that fails still leaves the others
-    record[section]['section_s'] = time.time() - t0
-    print(f"  [{section}: {record[section].get('failed', 'done')}, {record[section]['section_s']:.0f} s]")
-    write_json()  # after every section, so that a run cut short (a lease that ends) keeps what it measured
-    reset_memory()
-record.update(load_average_after=os.getloadavg(), runtime_s=time.time() - t_start, failures=failures)
-write_json()
+for section, bench in dict(attention=bench_attention, optimizer=bench_optimizer, train=bench_train,
+                           memory=bench_memory, inference=bench_inference).items():
+    if section in wanted:
+        t0 = time.time()
+        record[section] = run_row(section, bench)  # a section that fails still leaves the others
+        record[section]['section_s'] = time.time() - t0
+        print(f"  [{section}: {record[section].get('failed', 'done')}, {record[section]['section_s']:.0f} s]")
+        reset_memory()
+        # the whole record after every section, so that a run cut short (a lease that ends) keeps what it measured
+        record.update(load_average_after=os.getloadavg(), runtime_s=time.time() - t_start, failures=failures)
+        if json_path:
+            with open(json_path, 'w') as f:
+                json.dump(record, f, indent=1)
 print(f"load average after {record['load_average_after']} | {record['runtime_s']:.0f} s in all"
       + (f" | wrote {json_path}" if json_path else ''))
 if failures:

@@ -1,14 +1,9 @@
 """
 The Hierarchical Reasoning Model (HRM, Wang et al. 2025, arXiv 2506.21734) for Sudoku, in one file.
 
-Two recurrent transformer modules: a slow high-level module H and a fast low-level module L. One
-"segment" runs H_cycles x L_cycles updates of (z_H, z_L); only the last L and the last H update carry
-gradient (the 1-step gradient). Segments repeat up to halt_max_steps times, and a Q head on z_H decides
-when to halt (adaptive computation time, ACT), trained with Q-learning targets.
-
-Read top to bottom: config, building blocks (init, norm, rotary, attention, MLP, block), the reasoning
-module, the full model (one segment, the ACT step, the loss, batch solving), the FLOP count, and last the
-Triton attention kernels that replace FlashAttention on CUDA.
+Two recurrent transformer modules: a slow high-level module H and a fast low-level module L. One "segment" runs
+H_cycles x L_cycles updates of (z_H, z_L); only the last L and H update carry gradient (the 1-step gradient). Segments
+repeat up to halt_max_steps times; a Q head on z_H, trained with Q-learning targets, decides when to halt (ACT).
 """
 
 import math
@@ -76,11 +71,8 @@ class HRMConfig:
 # building blocks
 
 def trunc_normal_(tensor, std=1.0, lower=-2.0, upper=2.0):
-    """Normal truncated at [lower, upper] standard deviations, rescaled so the result has std `std`
-    (truncation alone would shrink it by ~12%). This is the init HRM uses everywhere."""
+    """HRM's init: a normal truncated at [lower, upper] stds, rescaled to std `std` (truncation alone shrinks ~12%)."""
     with torch.no_grad():
-        if std == 0:
-            return tensor.zero_()
         cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
         pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         mass = cdf(upper) - cdf(lower)
@@ -120,21 +112,18 @@ def rotary_tables(seq_len, head_dim, theta):
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, S, H, D); rotation computed in fp32, as the reference does.
-    # rotate_half(x) * sin = cat(x2, x1) * cat(-sin1, sin2): the sign goes on the (S, D) table instead of a
-    # negated copy of x, and the sum accumulates in place (on CPU each full-size temporary is a pass over memory)
+    # x: (B, S, H, D), rotated in fp32 as the reference. rotate_half(x) * sin = cat(x2, x1) * cat(-sin1, sin2): the
+    # sign goes on the (S, D) table, not a negated copy of x, and the sum accumulates in place (CPU temporaries cost)
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     sin1, sin2 = sin.chunk(2, dim=-1)
-    signed_sin = torch.cat((-sin1, sin2), dim=-1)
-    rotated = torch.cat((x2, x1), dim=-1)
-    return (x32 * cos[:, None, :]).addcmul_(rotated, signed_sin[:, None, :]).to(x.dtype)
+    signed_sin = torch.cat((-sin1, sin2), dim=-1)[:, None, :]
+    return (x32 * cos[:, None, :]).addcmul_(torch.cat((x2, x1), dim=-1), signed_sin).to(x.dtype)
 
 
 def sudoku_attention_mask(puzzle_emb_len=1):
-    """(S, S) bool, True = query may attend key. Cells see their row, column and box peers
-    (prepare_sudoku.PEERS, where the board geometry lives) and themselves; the puzzle-embedding
-    prefix sees and is seen by every position."""
+    """(S, S) bool, True = query may attend key. Cells see their row, column and box peers (prepare_sudoku.PEERS,
+    where the board geometry lives) and themselves; the puzzle-embedding prefix sees and is seen by every position."""
     S = 81 + puzzle_emb_len
     mask = torch.ones(S, S, dtype=torch.bool)
     cells = torch.eye(81, dtype=torch.bool)
@@ -146,11 +135,10 @@ def sudoku_attention_mask(puzzle_emb_len=1):
 
 # -----------------------------------------------------------------------------
 # attention. Layout everywhere is (B, S, H, D), as flash_attn_func, non-causal, softmax scale 1/sqrt(D), optional
-# boolean (S, S) mask shared by all batches and heads (True = may attend). PyTorch here; the fused Triton kernels
-# (fused_attention) are at the end of the file.
+# boolean (S, S) mask shared by all batches and heads (True = may attend). The Triton kernels are at the end.
 
 def attention_reference(q, k, v, mask=None):
-    """The math the kernel fuses, in plain PyTorch. q, k, v: (B, S, H, D); mask: (S, S) bool, True = may attend."""
+    """The math the kernel fuses, in plain PyTorch."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, S, S)
     if mask is not None:
@@ -167,8 +155,7 @@ def sdpa_attention(q, k, v, mask=None):
 
 
 class Attention(nn.Module):
-    """Non-causal multi-head self-attention with RoPE, computed by the Triton kernels
-    (fused_attention, at the end of the file) or by PyTorch's SDPA (sdpa_attention); HRM.uses_triton picks."""
+    """Non-causal multi-head self-attention with RoPE; HRM.uses_triton picks fused_attention or sdpa_attention."""
 
     def __init__(self, config):
         super().__init__()
@@ -237,12 +224,6 @@ class ReasoningModule(nn.Module):
 # -----------------------------------------------------------------------------
 # the model
 
-def to_tokens(cells):
-    """The vocabulary: token 0 = pad (unused for Sudoku), 1 = a blank cell, 2..10 = digits 1..9. Everything
-    outside the model speaks cells (0 = blank, 1..9); answers come back as digits (HRM.solve)."""
-    return cells.long() + 1
-
-
 class Carry(NamedTuple):
     """What persists between training steps: the recurrent states and the puzzle each row is on."""
     z_H: torch.Tensor      # (B, S, D)
@@ -254,7 +235,6 @@ class Carry(NamedTuple):
 
 
 class HRM(nn.Module):
-
     def __init__(self, config, dtype=torch.float32):
         super().__init__()
         self.config = config
@@ -289,9 +269,7 @@ class HRM(nn.Module):
         return n if with_puzzle_emb else n - self.puzzle_emb.numel()
 
     def uses_triton(self, device):
-        """Whether attention on `device` runs the Triton kernels (else SDPA), in this model's forward dtype.
-        'auto' takes them on CUDA where they are built and checked to run (bf16/fp16, head_dim 16..128, a power
-        of two); attn_impl='triton' where they cannot run is an error, never a silent switch to SDPA."""
+        """Whether attention on `device` uses the Triton kernels, else SDPA; attn_impl='triton' raises if they can't."""
         impl = self.config.attn_impl
         if impl == 'sdpa' or (impl == 'auto' and device.type != 'cuda'):
             return False
@@ -301,13 +279,11 @@ class HRM(nn.Module):
         return problem is None
 
     def embed(self, cells):
-        B = cells.shape[0]
-        tokens = F.embedding(to_tokens(cells), self.embed_tokens)                  # (B, 81, D)
-        prefix = self.puzzle_emb.expand(B, -1)[:, None, :]                          # (B, 1, D)
+        tokens = F.embedding(cells.long() + 1, self.embed_tokens)                  # (B, 81, D): cell c is token c+1
+        prefix = self.puzzle_emb.expand(cells.shape[0], -1)[:, None, :]            # (B, 1, D)
         return (self.embed_scale * torch.cat((prefix, tokens), dim=1)).to(self.forward_dtype)  # (B, S, D)
 
     def segment(self, z_H, z_L, inputs):
-        """One segment: H_cycles x L_cycles updates. Returns new states, logits and Q logits."""
         cfg = self.config
         x = self.embed(inputs)
         ctx = (self.rope_cos, self.rope_sin, self.attn_mask, self.uses_triton(x.device))
@@ -335,11 +311,9 @@ class HRM(nn.Module):
                      torch.ones(batch_size, dtype=torch.bool, device=device), tokens, tokens.clone())
 
     def forward(self, carry, inputs, labels, min_halt_steps=None):
-        """One ACT training step: rows that halted last step take the new puzzle (inputs: (B, 81) cells, 0 = blank;
-        labels: (B, 81) its solution's digits) and restart from the initial states; every row then runs one segment.
-        min_halt_steps (B,) is the exploration draw (see exploration_draw); train.py passes its rank's
-        slice of one global draw so DDP matches a single process. Returns the new carry and the
-        outputs for loss()."""
+        """One ACT training step: rows that halted last step restart from the initial states on the new puzzle (inputs:
+        (B, 81) cells, 0 = blank; labels: its solution's digits), then every row runs one segment. min_halt_steps (B,):
+        the exploration draw; train.py passes its rank's slice of one global draw so DDP matches a single process."""
         cfg = self.config
         reset = carry.halted
         z_H = torch.where(reset[:, None, None], self.H_init.to(self.forward_dtype), carry.z_H)
@@ -347,7 +321,6 @@ class HRM(nn.Module):
         steps = torch.where(reset, 0, carry.steps)
         inputs = torch.where(reset[:, None], inputs, carry.inputs)
         labels = torch.where(reset[:, None], labels, carry.labels)
-
         z_H, z_L, logits, q_logits = self.segment(z_H, z_L, inputs)
         # the carry never takes gradient into the next step: segments are trained one at a time
         z_H, z_L = z_H.detach(), z_L.detach()
@@ -357,8 +330,7 @@ class HRM(nn.Module):
             outputs['q_halt_logits'], outputs['q_continue_logits'] = q_halt, q_continue
         with torch.no_grad():
             steps = steps + 1
-            is_last = steps >= cfg.halt_max_steps
-            halted = is_last
+            halted = is_last = steps >= cfg.halt_max_steps
             if cfg.act == 'q':
                 # At eval every row runs halt_max_steps segments so a batch halts together.
                 if self.training and cfg.halt_max_steps > 1:
@@ -367,11 +339,9 @@ class HRM(nn.Module):
                         min_halt_steps = self.exploration_draw(steps.shape[0], steps.device)
                     halted = halted & (steps >= min_halt_steps)
                     if cfg.q_target:
-                        # Bootstrapped target for Q-continue: the value of the next segment, from a
-                        # second forward with the current weights (no replay buffer, no target net:
-                        # the large batch plays the role of many parallel environments).
-                        next_q = self.segment(z_H, z_L, inputs)[3]
-                        next_halt, next_continue = next_q.unbind(-1)
+                        # Bootstrapped target for Q-continue: the value of the next segment, from a second forward
+                        # with the current weights (no replay buffer, no target net: the batch is the environments).
+                        next_halt, next_continue = self.segment(z_H, z_L, inputs)[3].unbind(-1)
                         outputs['target_q_continue'] = torch.sigmoid(
                             torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
         return Carry(z_H, z_L, steps, halted, inputs, labels), outputs
@@ -385,22 +355,17 @@ class HRM(nn.Module):
         return explore * minimum
 
     def loss(self, carry, outputs):
-        """Summed over the batch (the caller divides by the global batch size). Metrics are device
-        tensors of sums over the rows that halted this step, so reading them needs no sync here."""
-        logits, labels = outputs['logits'], to_tokens(carry.labels)
+        """Summed over the batch (the caller divides by the global batch size). Metrics are device tensors of sums
+        over the rows that halted this step, so reading them needs no sync here."""
+        logits, labels = outputs['logits'], carry.labels.long() + 1  # digits 1..9 are tokens 2..10
         # each puzzle averaged over its 81 cells
         lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()
         with torch.no_grad():
             cell_correct = logits.argmax(-1) == labels                            # (B, 81)
             exact = cell_correct.all(-1)                                          # (B,)
             done = carry.halted
-            metrics = {
-                'count': done.sum(),
-                'cell_acc': (cell_correct.float().mean(-1) * done).sum(),
-                'exact_acc': (exact & done).sum(),
-                'steps': (carry.steps * done).sum(),
-                'lm_loss': lm_loss.detach(),
-            }
+            metrics = dict(count=done.sum(), cell_acc=(cell_correct.float().mean(-1) * done).sum(),
+                           exact_acc=(exact & done).sum(), steps=(carry.steps * done).sum(), lm_loss=lm_loss.detach())
         loss = lm_loss
         if 'q_halt_logits' in outputs:
             q_halt = outputs['q_halt_logits']
@@ -418,24 +383,18 @@ class HRM(nn.Module):
 
     @torch.no_grad()
     def solve(self, puzzles, segments=None, halt=False, views=1, check=False, trace=False, generator=None):
-        """Batch inference on (B, 81) puzzles, cells 0..9 (0 = blank). By default every row runs `segments`
-        (= halt_max_steps) segments of the puzzle as given, as the paper evaluates. Test-time compute:
-        - views=K solves K random symmetries of each puzzle (the first is the puzzle itself) as one batch;
-        - check=True stops a puzzle at the first segment where one of its views' answers is a valid grid
-          that keeps the givens: for a unique-solution puzzle that answer is the solution, so this halting
-          signal is exact, and only the rows still running are computed;
-        - halt=True stops a view where the Q head says halt (ACT), its answer frozen there.
-        Answers are digits 1..9 (the blank and pad tokens are never predicted). A puzzle's answer is that
-        of its first view whose answer checks, else a per-cell vote over its views (ties to the first
-        view). Returns a Solution; see there."""
+        """Batch inference on (B, 81) puzzles, cells 0..9 (0 = blank): `segments` (= halt_max_steps) segments of each,
+        as the paper evaluates. Test-time compute: views=K solves K random symmetries of each puzzle (the first is the
+        puzzle itself) as one batch; check=True stops a puzzle once a view's answer is a valid grid keeping the givens
+        (exact for unique-solution puzzles); halt=True stops a view where the Q head says halt. A puzzle's answer is
+        its first checking view's, else a per-cell vote over its views (ties to the first view)."""
         segments = segments or self.config.halt_max_steps
         B, K, device = puzzles.shape[0], views, puzzles.device
         N = B * K  # rows are puzzle-major: row b*K + k is view k of puzzle b
-        symmetry = sudoku.identity_symmetry(N, device)
-        if K > 1:  # (one view draws nothing, so the paper's eval leaves every random stream alone)
-            symmetry = sudoku.random_symmetry(N, generator, device)
-            for part, first in zip(symmetry, sudoku.identity_symmetry(B, device)):
-                part.view(B, K, -1)[:, 0] = first
+        # one view draws nothing, so the paper's eval leaves every random stream alone
+        symmetry = sudoku.random_symmetry(N, generator, device) if K > 1 else sudoku.identity_symmetry(N, device)
+        for part, first in zip(symmetry, sudoku.identity_symmetry(B, device)):  # view 0: the puzzle itself
+            part.view(B, K, -1)[:, 0] = first
         grids = sudoku.apply_symmetry(puzzles.long().repeat_interleave(K, dim=0), symmetry)  # (N, 81)
         cells = grids  # the puzzles of the rows still running
         z_H = self.H_init.to(self.forward_dtype).expand(N, self.config.seq_len + self.puzzle_emb_len, -1)
@@ -464,21 +423,17 @@ class HRM(nn.Module):
                 wants_halt = q_logits[:, 0] > q_logits[:, 1]
                 stop = wants_halt if stop is None else stop | wants_halt
             if stop is not None and stop.any():  # a host sync, only on these opt-in paths
-                keep = ~stop
-                z_H, z_L, cells, rows = z_H[keep], z_L[keep], cells[keep], rows[keep]
+                z_H, z_L, cells, rows = (t[~stop] for t in (z_H, z_L, cells, rows))
                 if len(rows) == 0:
                     break
-
         answers = sudoku.invert_symmetry(preds, symmetry).view(B, K, 81)
         valid, consistent = sudoku.check_grids(grids, preds)
         checks = (valid & consistent).view(B, K)
         first_checked = checks.int().argmax(1)                                     # (B,) lowest view that checks
-        counts = F.one_hot(answers - 1, 9).sum(1) * 2                              # (B, 81, 9) votes per digit
-        counts += F.one_hot(answers[:, 0] - 1, 9)                                  # ties go to the first view
-        vote = counts.argmax(-1) + 1
-        picked = answers[torch.arange(B, device=device), first_checked]
+        # (B, 81, 9) votes per digit, two a view and one more for the first, so ties go to it (one view: its answer)
+        vote = (F.one_hot(answers - 1, 9).sum(1) * 2 + F.one_hot(answers[:, 0] - 1, 9)).argmax(-1) + 1
         any_checked = checks.any(1)
-        final = torch.where(any_checked[:, None], picked, vote if K > 1 else answers[:, 0])
+        final = torch.where(any_checked[:, None], answers[torch.arange(B, device=device), first_checked], vote)
         view = torch.where(any_checked | (K == 1), first_checked, -1)
         chosen = torch.arange(B, device=device) * K + view.clamp(min=0)
         valid, consistent = sudoku.check_grids(puzzles, final)  # a vote can check too
@@ -500,10 +455,8 @@ class Solution(NamedTuple):
 
 
 def load_checkpoint(path, device, dtype=None):
-    """An HRM for inference from train.py's ckpt.pt: the run's architecture, its EMA weights when it kept
-    them (what its evals scored), in eval mode on `device`. The forward dtype is the run's own ('auto': bf16
-    on CUDA, fp32 elsewhere) unless `dtype` is given. Returns (model, the run's config dict); raises
-    ValueError with a one-line reason for a missing or unreadable file."""
+    """(HRM, the run's config dict) from train.py's ckpt.pt: the run's architecture and EMA weights if kept, in eval
+    mode on `device`, in the run's dtype unless `dtype` is given. A missing or unreadable file raises ValueError."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     device = torch.device(device)
@@ -528,11 +481,9 @@ def load_checkpoint(path, device, dtype=None):
 
 
 def cross_entropy(logits, labels, kind, smoothing=0.0):
-    """Per-cell cross entropy, (B, 81), against the label mixed with weight `smoothing` of a uniform target over
-    the 9 digit tokens (label smoothing; the pad and blank tokens are never answers). Stablemax (the paper's
-    choice) replaces exp with a function that grows linearly for x >= 0 and as 1/(1-x) below, which avoids the
-    softmax collapse that plain softmax hits late in small-data training. Computed in float64 as the reference does
-    (the logits are tiny: B x 81 x 11); mps has no float64, so it uses float32 there."""
+    """Per-cell cross entropy, (B, 81), against the label mixed with weight `smoothing` of a uniform target over the 9
+    digit tokens. Stablemax (the paper's) replaces exp with x + 1 for x >= 0 and 1/(1-x) below, avoiding the softmax
+    collapse late in small-data training. In float64 as the reference (tiny logits); mps has none, so float32 there."""
     if kind == 'softmax':
         log_probs = F.log_softmax(logits.float(), -1)
     else:
@@ -551,12 +502,8 @@ def cross_entropy(logits, labels, kind, smoothing=0.0):
 # FLOP count, for MFU
 
 def flops_per_step(config, batch_size, training=True):
-    """Analytic matmul FLOPs (2 per multiply-add) of one ACT training step (training=True) or one
-    inference segment. A block costs 2*params_per_token for its linears plus 4*S*D for QK^T and PV
-    (full S x S even with the Sudoku mask: the kernel does not skip masked tiles).
-    Per segment: H_cycles*L_cycles L-module and H_cycles H-module passes forward; backward (2x forward)
-    only through the last L and H pass ('1step'), or through all of them ('full'); plus one more full
-    forward for the Q-continue target when enabled."""
+    """Analytic matmul FLOPs (2 per multiply-add) of one ACT training step (training=True) or one inference segment.
+    Attention counts the full S x S even with the Sudoku mask: the kernel does not skip masked tiles."""
     D, S = config.hidden_size, config.seq_len + 1
     block = 2 * (4 * D * D + 3 * D * swiglu_width(config)) + 4 * S * D                      # per token
     L_pass, H_pass = config.L_layers * block, config.H_layers * block
@@ -578,30 +525,23 @@ def peak_tflops(device_name):
 
 
 # -----------------------------------------------------------------------------
-# The Triton fused attention: forward and backward kernels wrapped in a torch custom op, used instead of
-# FlashAttention on CUDA (HRM.uses_triton decides). The model only ever uses no mask or the Sudoku one, and
-# the kernels know just those: they compute the Sudoku mask from positions instead of loading it.
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
+# The Triton fused attention: forward and backward kernels wrapped in a torch custom op, used instead of FlashAttention
+# on CUDA (HRM.uses_triton decides). The model only ever uses no mask or the Sudoku one, and the kernels know just
+# those: they compute the Sudoku mask from positions instead of loading it.
 
 def triton_attention_problem(head_dim, dtype, device):
-    """Why the Triton kernels cannot run attention of this head_dim and dtype on `device`, or None if they can.
-    HRM.uses_triton routes to SDPA on any reason (attn_impl='auto') or raises it (attn_impl='triton')."""
+    """Why the Triton kernels cannot run attention of this head_dim and dtype on `device`, or None if they can."""
     if not HAS_TRITON:
         return "triton is not installed"
     if head_dim not in (16, 32, 64, 128):
-        # tl.dot tiles need power-of-two edges >= 16; up to 128 they compile without spills on sm_80..sm_90
-        # (python tests/test_kernel_aot.py --all-head-dims)
+        # tl.dot tiles need power-of-two edges >= 16; up to 128 they compile without spills (test_kernel_aot.py)
         return f"head_dim {head_dim} is not one of 16, 32, 64, 128"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {dtype} is not bfloat16, float16 or float32"
     if device.type == "cuda" and dtype == torch.float32:
-        # fp32 tiles double shared memory and registers: compiled ahead of time at head_dim 64, the forward needed
-        # 112 KiB (an sm_86/89 block gets 99 KiB) and every kernel spilled 13-31 KB per thread on every arch
+        # fp32 tiles double shared memory and registers: at head_dim 64 the forward outgrew sm_86/89 and all spilled
         return "float32 on CUDA (the kernels are built for bfloat16/float16 there; use attn_impl='sdpa')"
-    if device.type == "cpu" and not _interpreting():
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (the interpreter, for tests)"
     if device.type not in ("cuda", "cpu"):
         return f"no Triton backend for {device.type}"
@@ -609,14 +549,11 @@ def triton_attention_problem(head_dim, dtype, device):
 
 
 if HAS_TRITON:
-
     @triton.jit
     def _dot(a, b, DOT_IN_FP32: tl.constexpr):
-        # fp32 accumulation always. fp32 inputs only reach the kernels under the interpreter (CUDA routes fp32 to
-        # SDPA), whose tl.dot multiplies in full fp32 whatever input_precision says. DOT_IN_FP32 is only set
-        # under the interpreter with bf16 inputs: it stores bf16 as raw uint16 and its tl.dot multiplies the bit
-        # patterns (triton-lang/triton#11584). Upcasting first is an exact stand-in, since a product of two bf16
-        # values is exact in fp32.
+        # fp32 accumulation always. fp32 inputs only reach the kernels under the interpreter, whose tl.dot multiplies
+        # in full fp32. DOT_IN_FP32 is set there for bf16 inputs: the interpreter stores bf16 as raw uint16 and its
+        # tl.dot multiplies the bit patterns (triton-lang/triton#11584); upcasting is exact (bf16 products fit fp32).
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -624,10 +561,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _program(S, BLOCK: tl.constexpr):
-        # The grid is 1D, B*H*cdiv(S, BLOCK) programs with the block index varying fastest, so the programs of one
-        # (batch, head) run side by side and the k and v (or q and do) they all read come from L2, not each from
-        # DRAM (and no axis meets CUDA's 65535 cap on grid axes 1 and 2). Returns the (batch, head) index and the
-        # rows of this program's block.
+        # this program's (batch, head) and block of rows. A 1D grid with the block index fastest: one (batch, head)'s
+        # programs run side by side and share its k and v (or q and do) in L2, and no axis meets CUDA's 65535 cap.
         n_blocks = tl.cdiv(S, BLOCK)
         pid = tl.program_id(0)
         return pid // n_blocks, (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -653,11 +588,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _allowed(rows, cols, S, prefix_len, SUDOKU_MASK: tl.constexpr):
-        # (len(rows), len(cols)) block of which scores count: both positions inside the sequence (the ragged tail
-        # of the last block is padding) and, with the Sudoku mask, what sudoku_attention_mask(prefix_len) allows,
-        # computed from the positions rather than loaded: the prefix_len puzzle-embedding positions see and are
-        # seen by all, a cell sees the cells of its grid row, column and 3x3 box (itself included). Symmetric, so
-        # the backward gets the transposed block by swapping rows and cols.
+        # (len(rows), len(cols)) block of which scores count: both positions inside the sequence (the last block's
+        # ragged tail is padding) and, with SUDOKU_MASK, what sudoku_attention_mask(prefix_len) allows, computed from
+        # positions. Symmetric, so the backward gets the transposed block by swapping rows and cols.
         ok = (rows < S)[:, None] & (cols < S)[None, :]
         if SUDOKU_MASK:
             a = rows - prefix_len  # cell index, row-major over the 9x9 grid; negative for the prefix
@@ -671,10 +604,8 @@ if HAS_TRITON:
     @triton.jit
     def _attention_fwd_kernel(
         Q, K, V, O, LSE,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_ob, stride_os, stride_oh,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
         H, S, prefix_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         SUDOKU_MASK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -716,35 +647,34 @@ if HAS_TRITON:
         tl.store(LSE + rows, lse, mask=rows < S)
 
     @triton.jit
+    def _backward_program(Q, K, V, DO, LSE, DELTA, stride_b, stride_h, stride_dob, stride_doh, H, S,
+                          BLOCK: tl.constexpr):
+        # the set-up both backward kernels share; q, k, v and the gradients have one contiguous layout, offset `head`
+        pid_bh, block = _program(S, BLOCK)
+        head = _head_start(pid_bh, H, stride_b, stride_h)
+        DO += _head_start(pid_bh, H, stride_dob, stride_doh)
+        row_stats = pid_bh.to(tl.int64) * S
+        return block, head, Q + head, K + head, V + head, DO, LSE + row_stats, DELTA + row_stats
+
+    @triton.jit
     def _attention_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh,
-        stride_gb, stride_gs, stride_gh,
+        stride_b, stride_s, stride_h, stride_dob, stride_dos, stride_doh,
         H, S, prefix_len, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         SUDOKU_MASK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ):
         # one program owns a block of keys and loops over all queries, so dK and dV are written once, no atomics;
         # everything is computed transposed, (keys, queries), so the products land in (BLOCK_N, HEAD_DIM)
-        pid_bh, cols = _program(S, BLOCK_N)
-        Q += _head_start(pid_bh, H, stride_qb, stride_qh)
-        K += _head_start(pid_bh, H, stride_kb, stride_kh)
-        V += _head_start(pid_bh, H, stride_vb, stride_vh)
-        DO += _head_start(pid_bh, H, stride_dob, stride_doh)
-        DK += _head_start(pid_bh, H, stride_gb, stride_gh)
-        DV += _head_start(pid_bh, H, stride_gb, stride_gh)
-        LSE += pid_bh.to(tl.int64) * S
-        DELTA += pid_bh.to(tl.int64) * S
-        k = _load_tile(K, cols, stride_ks, S, HEAD_DIM)
-        v = _load_tile(V, cols, stride_vs, S, HEAD_DIM)
+        cols, head, Q, K, V, DO, LSE, DELTA = _backward_program(
+            Q, K, V, DO, LSE, DELTA, stride_b, stride_h, stride_dob, stride_doh, H, S, BLOCK_N)
+        k = _load_tile(K, cols, stride_s, S, HEAD_DIM)
+        v = _load_tile(V, cols, stride_s, S, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for start_m in range(0, S, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(Q, rows, stride_qs, S, HEAD_DIM)
+            q = _load_tile(Q, rows, stride_s, S, HEAD_DIM)
             do = _load_tile(DO, rows, stride_dos, S, HEAD_DIM)
             lse2 = tl.load(LSE + rows, mask=rows < S, other=0.0) * 1.4426950408889634  # to the exp2 domain
             delta = tl.load(DELTA + rows, mask=rows < S, other=0.0)
@@ -755,80 +685,51 @@ if HAS_TRITON:
             dpT = _dot(v, tl.trans(do), DOT_IN_FP32)
             dsT = pT * (dpT - delta[None, :])
             dk += _dot(dsT.to(q.dtype), q, DOT_IN_FP32)
-        _store_tile(DK, cols, stride_gs, S, dk * sm_scale, HEAD_DIM)
-        _store_tile(DV, cols, stride_gs, S, dv, HEAD_DIM)
+        _store_tile(DK + head, cols, stride_s, S, dk * sm_scale, HEAD_DIM)
+        _store_tile(DV + head, cols, stride_s, S, dv, HEAD_DIM)
 
     @triton.jit
     def _attention_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh,
-        stride_gb, stride_gs, stride_gh,
+        stride_b, stride_s, stride_h, stride_dob, stride_dos, stride_doh,
         H, S, prefix_len, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         SUDOKU_MASK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ):
         # one program owns a block of queries and loops over all keys: recomputing P here is cheaper at
         # S ~ 100 than accumulating dQ with atomics from the dK/dV kernel, and is deterministic
-        pid_bh, rows = _program(S, BLOCK_M)
-        Q += _head_start(pid_bh, H, stride_qb, stride_qh)
-        K += _head_start(pid_bh, H, stride_kb, stride_kh)
-        V += _head_start(pid_bh, H, stride_vb, stride_vh)
-        DO += _head_start(pid_bh, H, stride_dob, stride_doh)
-        DQ += _head_start(pid_bh, H, stride_gb, stride_gh)
-        LSE += pid_bh.to(tl.int64) * S
-        DELTA += pid_bh.to(tl.int64) * S
-        q = _load_tile(Q, rows, stride_qs, S, HEAD_DIM)
+        rows, head, Q, K, V, DO, LSE, DELTA = _backward_program(
+            Q, K, V, DO, LSE, DELTA, stride_b, stride_h, stride_dob, stride_doh, H, S, BLOCK_M)
+        q = _load_tile(Q, rows, stride_s, S, HEAD_DIM)
         do = _load_tile(DO, rows, stride_dos, S, HEAD_DIM)
         lse2 = tl.load(LSE + rows, mask=rows < S, other=0.0) * 1.4426950408889634  # to the exp2 domain
         delta = tl.load(DELTA + rows, mask=rows < S, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start_n in range(0, S, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            k = _load_tile(K, cols, stride_ks, S, HEAD_DIM)
-            v = _load_tile(V, cols, stride_vs, S, HEAD_DIM)
+            k = _load_tile(K, cols, stride_s, S, HEAD_DIM)
+            v = _load_tile(V, cols, stride_s, S, HEAD_DIM)
             qk = _dot(q, tl.trans(k), DOT_IN_FP32) * qk_scale  # (BLOCK_M, BLOCK_N)
             p = tl.exp2(tl.where(_allowed(rows, cols, S, prefix_len, SUDOKU_MASK), qk, float("-inf")) - lse2[:, None])
             dp = _dot(do, tl.trans(v), DOT_IN_FP32)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, DOT_IN_FP32)
-        _store_tile(DQ, rows, stride_gs, S, dq * sm_scale, HEAD_DIM)
+        _store_tile(DQ + head, rows, stride_s, S, dq * sm_scale, HEAD_DIM)
 
 
-def _launch_settings(seq_len, head_dim, dtype):
-    """Block sizes, warps and stages for one shape and dtype: all compile-time constants of the kernels.
-    tests/test_kernel_aot.py compiles every config's kernels with these for sm_80..sm_90 and checks that they
-    fit the shared memory and do not spill (docs/benchmarks.md has the table)."""
+def _launch_settings(seq_len, head_dim, dtype, backward):
+    # A launch's compile-time keyword arguments but SUDOKU_MASK, sized so that tests/test_kernel_aot.py compiles them
+    # without spills on sm_80..sm_90: 128 keys per forward step, or 64 queries per backward step, spilled at head_dim
+    # 64. A dK/dV program holds k, v, dk, dv and two score tiles for its 64 keys; a dQ program, 32 queries.
     seq_block = max(16, triton.next_power_of_2(seq_len))  # tl.dot needs every tile edge >= 16
-    # Sized by what compiles without spills (the AOT test): with 128 keys per forward step, or 64 queries per
-    # backward step, the kernels reached ptxas's 255 registers at head_dim 64 and spilled on sm_86/89.
-    return dict(
-        # forward: 64 queries per program, 64 keys per step
-        fwd_block_m=min(64, seq_block),
-        fwd_block_n=min(64, seq_block),
-        # backward: BLOCK_N = 64 keys per dK/dV program (it holds k, v, dk, dv and two score tiles at once),
-        # stepping BLOCK_M = 32 queries; BLOCK_M = 32 queries per dQ program, stepping 64 keys
-        bwd_block_m=min(32, seq_block),
-        bwd_block_n=min(64, seq_block),
-        num_warps=4 if head_dim <= 64 else 8,
-        num_stages=2,
-        dot_in_fp32=dtype == torch.bfloat16 and _interpreting(),
-    )
-
-
-def _unit_last_stride(t):
-    # the kernels index head_dim with stride 1 so loads vectorize; any other stride (e.g. an expanded
-    # gradient) is copied once. Views of a fused qkv keep stride 1 and pass through uncopied.
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return dict(HEAD_DIM=head_dim, BLOCK_M=min(32 if backward else 64, seq_block), BLOCK_N=min(64, seq_block),
+                DOT_IN_FP32=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+                num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 def _mask_args(mask, S):
-    """The mask as the kernels take it, (SUDOKU_MASK, prefix_len): (False, 0) for no mask, else (True, P) for
-    the sudoku_attention_mask(P) it must equal (S = 81 + P). Any other mask is an error, not a silently different
-    one: the kernels compute the Sudoku pattern from positions and never read the tensor. The comparison runs
-    once per mask tensor (again after an in-place change), since on CUDA it waits for the GPU."""
+    """(SUDOKU_MASK, prefix_len): (False, 0) for no mask, else (True, P) for the sudoku_attention_mask(P) it must
+    equal, checked once per mask tensor and in-place change (on CUDA the comparison waits for the GPU)."""
     if mask is None:
         return False, 0
     prefix_len = S - 81
@@ -847,11 +748,9 @@ def _check_can_launch(q):
         raise RuntimeError(f"fused_attention: {problem}")
 
 
-# Registered with torch.library.custom_op rather than triton_op + wrap_triton: an opaque op behaves the same
-# under torch 2.11 and 2.13 and under the Triton interpreter, torch.compile traces it with fake tensors
-# (register_fake) without graph breaks, and Inductor has nothing to gain from seeing inside a kernel that
-# already fuses the whole attention. Triton launches on the current CUDA device, so each launch is wrapped in
-# torch.cuda.device_of(q): with --device=cuda:1 that is not device 0 (a no-op for CPU tensors).
+# A torch.library.custom_op, not triton_op + wrap_triton: an opaque op behaves the same under torch 2.11 and 2.13 and
+# the interpreter, torch.compile traces it (register_fake) without graph breaks, and Inductor gains nothing inside a
+# kernel that fuses the whole attention. Triton launches on the current device, hence torch.cuda.device_of(q).
 @torch.library.custom_op("nanohrm::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -859,59 +758,42 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_can_launch(q)
     B, S, H, D = q.shape
     sudoku_mask, prefix_len = _mask_args(mask, S)
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    # the kernels index head_dim with stride 1 so loads vectorize; any other stride (e.g. an expanded gradient) is
+    # copied once. Views of a fused qkv keep stride 1 and pass through uncopied.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = torch.empty((B, S, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
-    cfg = _launch_settings(S, D, q.dtype)
+    settings = _launch_settings(S, D, q.dtype, backward=False)
     with torch.cuda.device_of(q):
-        _attention_fwd_kernel[(B * H * triton.cdiv(S, cfg["fwd_block_m"]),)](
-            q, k, v, o, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            H, S, prefix_len, (1.0 / math.sqrt(D)) * 1.4426950408889634,
-            HEAD_DIM=D, BLOCK_M=cfg["fwd_block_m"], BLOCK_N=cfg["fwd_block_n"], SUDOKU_MASK=sudoku_mask,
-            DOT_IN_FP32=cfg["dot_in_fp32"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        _attention_fwd_kernel[(B * H * triton.cdiv(S, settings["BLOCK_M"]),)](
+            q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            H, S, prefix_len, (1.0 / math.sqrt(D)) * 1.4426950408889634, SUDOKU_MASK=sudoku_mask, **settings)
     return o, lse
 
 
 @attention_fwd.register_fake
 def _(q, k, v, mask):
-    B, S, H, D = q.shape
-    return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.size(0), q.size(2), q.size(1)), dtype=torch.float32)  # o, lse
 
 
 @torch.library.custom_op("nanohrm::attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                   delta: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv, each (B, S, H, D) in q's dtype, given do = dLoss/do, the forward's lse and
-    delta = rowsum(do * o), both (B, H, S) fp32."""
-    _check_can_launch(q)
+    """Returns dq, dk, dv like q, given do, lse and delta = rowsum(do * o). Reached via attention_fwd (q checked)."""
     B, S, H, D = q.shape
     sudoku_mask, prefix_len = _mask_args(mask, S)
-    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
-    lse, delta = lse.contiguous(), delta.contiguous()
+    # q, k, v (saved contiguous: nothing is copied) share the gradients' layout, so the kernels take it once
+    q, k, v, lse, delta = (t.contiguous() for t in (q, k, v, lse, delta))
+    do = do if do.stride(-1) == 1 else do.contiguous()  # as q, k, v in attention_fwd
     dq, dk, dv = (torch.empty((B, S, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    cfg = _launch_settings(S, D, q.dtype)
+    settings = _launch_settings(S, D, q.dtype, backward=True)
     sm_scale = 1.0 / math.sqrt(D)
-    common = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),  # dq, dk and dv share one contiguous layout
-        H, S, prefix_len, sm_scale * 1.4426950408889634, sm_scale,
-    )
-    constants = dict(HEAD_DIM=D, BLOCK_M=cfg["bwd_block_m"], BLOCK_N=cfg["bwd_block_n"],
-                     SUDOKU_MASK=sudoku_mask, DOT_IN_FP32=cfg["dot_in_fp32"],
-                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    scalars = (*q.stride()[:3], *do.stride()[:3], H, S, prefix_len, sm_scale * 1.4426950408889634, sm_scale)
     with torch.cuda.device_of(q):
-        _attention_bwd_dkdv_kernel[(B * H * triton.cdiv(S, cfg["bwd_block_n"]),)](
-            q, k, v, do, lse, delta, dk, dv, *common, **constants)
-        _attention_bwd_dq_kernel[(B * H * triton.cdiv(S, cfg["bwd_block_m"]),)](
-            q, k, v, do, lse, delta, dq, *common, **constants)
+        _attention_bwd_dkdv_kernel[(B * H * triton.cdiv(S, settings["BLOCK_N"]),)](
+            q, k, v, do, lse, delta, dk, dv, *scalars, SUDOKU_MASK=sudoku_mask, **settings)
+        _attention_bwd_dq_kernel[(B * H * triton.cdiv(S, settings["BLOCK_M"]),)](
+            q, k, v, do, lse, delta, dq, *scalars, SUDOKU_MASK=sudoku_mask, **settings)
     return dq, dk, dv
 
 
@@ -921,40 +803,28 @@ def _(do, q, k, v, lse, delta, mask):
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, mask = inputs
-    o, lse = output
-    # The model hands v over as a strided view of its fused qkv projection (q and k come fresh out of the
-    # rotary). Saving that view would keep the whole qkv buffer, 3x the size of v, alive until the backward;
-    # a compact copy keeps only v. contiguous() returns the tensors that already are (q, k) as they are.
+    (q, k, v, mask), (o, lse) = inputs, output
+    # The model hands v over as a view of its fused qkv projection (q and k come fresh out of the rotary). Saving it
+    # would keep the whole qkv buffer, 3x the size of v, alive until the backward; a compact copy keeps only v.
     ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), o, lse, mask)
     ctx.mark_non_differentiable(lse)  # lse is saved for the backward, not a differentiable result
 
 
-def _attention_backward(ctx, do, dlse):
-    # dlse is unused: lse is non-differentiable
+def _attention_backward(ctx, do, dlse):  # dlse is unused: lse is non-differentiable
     q, k, v, o, lse, mask = ctx.saved_tensors
-    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the term softmax's backward subtracts from every dP_ij; in
-    # fp32, where products of bf16 values are exact. Outside the op so that torch.compile fuses it into one
-    # reduction (eager PyTorch makes fp32 copies first: ~7x the bytes, see docs/benchmarks.md).
+    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, which softmax's backward subtracts from every dP_ij; in fp32, where
+    # bf16 products are exact. Outside the op so torch.compile fuses it into one reduction (eager: ~7x the bytes).
     delta = (o.float() * do.float()).sum(-1).transpose(1, 2)  # (B, H, S)
-    dq, dk, dv = attention_bwd(do, q, k, v, lse, delta, mask)
-    return dq, dk, dv, None
+    return (*attention_bwd(do, q, k, v, lse, delta, mask), None)
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def fused_attention(q, k, v, mask=None):
-    """
-    Attention with the Triton kernels. q, k, v: (B, S, H, D), any strides (the views of a fused qkv projection
-    are read in place); D one of 16, 32, 64, 128; bf16 or fp16 with fp32 accumulation (fp32 only under the
-    Triton interpreter: on CUDA it goes to SDPA, see triton_attention_problem).
-    mask: None, or the Sudoku mask sudoku_attention_mask(P) with S = 81 + P, which the kernels compute from
-    positions; any other mask is an error (sdpa_attention takes any). Returns o: (B, S, H, D) in the input dtype.
-    """
+    """Attention with the Triton kernels: q, k, v (B, S, H, D) of any strides, D one of 16, 32, 64, 128, bf16 or fp16
+    (fp32 only under the interpreter); mask: None or sudoku_attention_mask(P) with S = 81 + P. Returns o like q."""
     assert q.dim() == 4 and q.shape == k.shape == v.shape, "q, k, v must share one (B, S, H, D) shape"
     assert q.dtype == k.dtype == v.dtype, "q, k, v must share one dtype"
-    if mask is not None:
-        assert mask.dtype == torch.bool and mask.shape == (q.size(1), q.size(1)), "mask must be (S, S) bool"
-    o, _ = attention_fwd(q, k, v, mask)
-    return o
+    assert mask is None or (mask.dtype == torch.bool and mask.shape == (q.size(1),) * 2), "mask must be (S, S) bool"
+    return attention_fwd(q, k, v, mask)[0]

@@ -18,17 +18,14 @@ import torch
 
 
 def check_group(name, group):
-    """Checks a param group as torch.optim.Optimizer.add_param_group stores it (params a list, the defaults
-    filled in), so a group's own settings are checked too, not only the constructor's."""
-    # lr = 0 is legal: warmup schedules start at 0 and the update then only advances m, v and step
-    if not group["lr"] >= 0.0:
-        raise ValueError(f"{name}: lr must be >= 0, got {group['lr']}")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']}")
-    if "betas" in group:
-        betas = tuple(group["betas"])
-        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {group['betas']}")
+    # checks each param group as add_param_group stores it (defaults filled in), so a group's own settings are
+    # checked too. lr = 0 is legal: warmup starts there, and the update then only advances m, v and step
+    for key in ("lr", "weight_decay"):
+        if not group[key] >= 0.0:
+            raise ValueError(f"{name}: {key} must be >= 0, got {group[key]}")
+    betas = tuple(group.get("betas", (0.0, 0.0)))
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {group['betas']}")
     # updates run in the param's dtype: bf16 weights would round small updates away, and a bf16 v could not
     # hold the (1 - beta2) * g^2 added to it
     dtypes = {p.dtype for p in group["params"]} - {torch.float32}
@@ -58,15 +55,11 @@ class AdamATan2(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamATan2 does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     # step is an fp32 scalar on the CPU, as in torch.optim.Adam: reading it for the
@@ -150,10 +143,8 @@ class SignSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
             for p in group["params"]:  # in nanoHRM one (1, D) tensor: no foreach needed

@@ -17,6 +17,7 @@ Cells are numbered row by row, 0..80. Digits are 1..9 and 0 is a blank everywher
 """
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -55,8 +56,17 @@ RATING_BINS = [(0, 0, "0"), (1, 2, "1-2"), (3, 9, "3-9"), (10, 29, "10-29"), (30
 GIVENS_BINS = [(17, 21, "17-21"), (22, 25, "22-25"), (26, 29, "26-29"), (30, 34, "30-34"), (35, 40, "35-40"),
                (41, None, "41+")]
 
+
+def bin_index(values, bins=RATING_BINS):
+    """Index into bins (contiguous (lo, hi, name) ranges, ascending) for each value, -1 below the first;
+    takes a numpy array or a torch tensor and returns the same kind."""
+    starts = [low for low, _, _ in bins]
+    if isinstance(values, torch.Tensor):
+        return torch.searchsorted(torch.tensor(starts, device=values.device), values.long(), right=True) - 1
+    return np.searchsorted(starts, np.asarray(values, dtype=np.int64), side="right") - 1
+
 # -----------------------------------------------------------------------------
-# text <-> grid
+# text <-> grid, and checking grids
 
 
 def _as_list(cells):
@@ -66,14 +76,10 @@ def _as_list(cells):
 
 def parse_grid(text):
     """81 cells from text: digits 1-9, '.' or '0' for blanks; whitespace and '|', '-', '+' are ignored."""
-    cells = []
     for ch in text:
-        if ch in "123456789":
-            cells.append(int(ch))
-        elif ch in ".0":
-            cells.append(0)
-        elif not (ch.isspace() or ch in "|-+"):
+        if not (ch in "123456789.0|-+" or ch.isspace()):
             raise ValueError(f"illegal character {ch!r} in sudoku grid (allowed: 1-9, '.' or '0' for blanks)")
+    cells = [0 if ch == "." else int(ch) for ch in text if ch in "123456789.0"]
     if len(cells) != 81:
         raise ValueError(f"a sudoku grid has 81 cells, found {len(cells)}")
     return np.array(cells, dtype=np.uint8)
@@ -84,39 +90,24 @@ def grid_to_string(cells):
 
 
 def format_grid(cells):
-    """The 9x9 grid as 11 lines of text with box separators."""
-    cells = _as_list(cells)
-    lines = []
-    for r in range(9):
-        if r in (3, 6):
-            lines.append("------+-------+------")
-        row = [str(d) if d else "." for d in cells[r * 9:r * 9 + 9]]
-        lines.append(" | ".join(" ".join(row[i:i + 3]) for i in (0, 3, 6)))
-    return "\n".join(lines)
+    text = grid_to_string(cells)
+    rows = [" | ".join(" ".join(text[i:i + 3]) for i in range(r, r + 9, 3)) for r in range(0, 81, 9)]
+    return "\n".join(rows[:3] + ["------+-------+------"] + rows[3:6] + ["------+-------+------"] + rows[6:])
 
 
 def format_side_by_side(grids, titles):
     """Several grids next to each other with a title above each, e.g. puzzle | model answer | solution."""
-    blocks = [format_grid(g).split("\n") for g in grids]
-    width = len(blocks[0][0])
-    lines = ["   ".join(t[:width].ljust(width) for t in titles).rstrip()]
-    lines += ["   ".join(block[i] for block in blocks) for i in range(len(blocks[0]))]
-    return "\n".join(lines)
-
-# -----------------------------------------------------------------------------
-# checking grids
+    blocks = [format_grid(g).split("\n") for g in grids]  # 11 lines of 21 characters each
+    title = "   ".join(t[:21].ljust(21) for t in titles).rstrip()
+    return "\n".join([title] + ["   ".join(lines) for lines in zip(*blocks)])
 
 
 def find_conflicts(cells):
-    """Names of the units that hold a repeated digit among their filled cells; [] means no conflict.
-    For messages about one grid; check_grids is the fast check of many."""
+    """Names of the units that repeat a digit among their filled cells, [] if none. For messages about one
+    grid; check_grids is the fast check of many."""
     cells = _as_list(cells)
-    conflicts = []
-    for name, unit in zip(UNIT_NAMES, UNITS):
-        digits = [cells[i] for i in unit if cells[i]]
-        if len(digits) != len(set(digits)):
-            conflicts.append(name)
-    return conflicts
+    return [name for name, unit in zip(UNIT_NAMES, UNITS)
+            if len([cells[i] for i in unit if cells[i]]) != len({cells[i] for i in unit if cells[i]})]
 
 
 def check_grids(puzzles, preds):
@@ -204,8 +195,7 @@ def _search(cand, done, queue, limit, solutions, stats, rng):
         if len(solutions) == 1:
             stats[1] = stats[0]
         return
-    m = cand[best]
-    bits = [1 << d for d in range(1, 10) if m >> d & 1]
+    bits = [1 << d for d in range(1, 10) if cand[best] >> d & 1]
     if rng is not None:
         rng.shuffle(bits)
     for bit in bits:
@@ -218,18 +208,13 @@ def _search(cand, done, queue, limit, solutions, stats, rng):
 
 
 def _solutions(cells, limit, rng=None):
-    """(up to `limit` solutions as lists, guesses made, guesses made before the first solution) for 81 digits 0..9.
-    The last is a puzzle's rating: 0 means singles propagation alone solves it.
-    rng (a random.Random) shuffles the order digits are tried in: used to make random grids."""
-    cand = [ALL_DIGITS] * 81
-    queue = []
-    for cell, d in enumerate(cells):
-        if d:
-            cand[cell] = 1 << d
-            queue.append(cell)
+    """(up to `limit` solutions as lists, rating) for 81 digits 0..9. The rating is the number of guesses made
+    before the first solution: 0 means singles propagation alone solves it.
+    rng (a random.Random) shuffles the order digits are tried in: make_puzzle's random grids."""
     solutions, stats = [], [0, 0]
-    _search(cand, [0] * 27, queue, limit, solutions, stats, rng)
-    return solutions, stats[0], stats[1]
+    cand = [1 << d if d else ALL_DIGITS for d in cells]
+    _search(cand, [0] * 27, [cell for cell, d in enumerate(cells) if d], limit, solutions, stats, rng)
+    return solutions, stats[1]
 
 # -----------------------------------------------------------------------------
 # generator: unique-solution puzzles carved out of random complete grids
@@ -239,30 +224,31 @@ TARGET_TRIES = 4   # fresh grids tried for the exact target count before settlin
 MAX_ATTEMPTS = 200  # fresh grids tried before giving up on getting down to max_givens
 
 
-def random_grid(rng):
-    """A random complete grid (list of 81 digits) from a random.Random."""
-    # the three diagonal boxes share no unit, so any digits go there; a randomized search fills the rest
+def make_puzzle(rng, target):
+    """One unique-solution puzzle with at least `target` givens: (puzzle, solution, rating), lists of 81.
+    It lands on `target` unless the puzzle became minimal (no clue removable) above it."""
+    # a random grid: the three diagonal boxes share no unit, so any digits go there; a randomized search
+    # fills the rest
     cells = [0] * 81
     for box in (0, 4, 8):
         digits = list(range(1, 10))
         rng.shuffle(digits)
         for cell, d in zip(BOXES[box], digits):
             cells[cell] = d
-    return _solutions(cells, 1, rng)[0][0]
-
-
-def make_puzzle(rng, target):
-    """One unique-solution puzzle with at least `target` givens: (puzzle, solution, rating), lists of 81.
-    It lands on `target` unless the puzzle became minimal (no clue removable) above it."""
-    solution = random_grid(rng)
+    solution = _solutions(cells, 1, rng)[0][0]
     order = list(range(81))
     rng.shuffle(order)
-    puzzle = [0] * 81
-    for cell in order[:max(target, START_GIVENS)]:
+    kept = set(order[:max(target, START_GIVENS)])
+    puzzle = [d if cell in kept else 0 for cell, d in enumerate(solution)]
+    # a random set of cells rarely has a unique solution: repair it with a few targeted clues (the true digit
+    # where a second solution differs rules that one out), much cheaper than finding uniqueness by removing
+    # clues one by one from the full grid
+    solutions, rating = _solutions(puzzle, 2)
+    while len(solutions) > 1:
+        other = solutions[0] if solutions[0] != solution else solutions[1]
+        cell = rng.choice([i for i in range(81) if other[i] != solution[i]])
         puzzle[cell] = solution[cell]
-    # a random set of cells rarely has a unique solution: repair it with a few targeted clues, which
-    # is much cheaper than finding uniqueness by removing clues one by one from the full grid
-    rating = _make_unique(puzzle, solution, rng)
+        solutions, rating = _solutions(puzzle, 2)
     # then take clues out in random order, keeping each removal that leaves the solution unique
     givens = [cell for cell in range(81) if puzzle[cell]]
     rng.shuffle(givens)
@@ -271,25 +257,12 @@ def make_puzzle(rng, target):
         if n_givens <= target:
             break
         digit, puzzle[cell] = puzzle[cell], 0
-        solutions, _, n_guesses_to_first = _solutions(puzzle, 2)
+        solutions, guesses = _solutions(puzzle, 2)
         if len(solutions) == 1:
-            rating, n_givens = n_guesses_to_first, n_givens - 1
+            rating, n_givens = guesses, n_givens - 1
         else:
             puzzle[cell] = digit
     return puzzle, solution, rating
-
-
-def _make_unique(puzzle, solution, rng):
-    """Add clues from `solution` to `puzzle` (in place) until it has no other solution: each time a
-    second solution shows up, give the true digit at a cell where that one differs, which rules it out.
-    Returns the rating of the result: the guesses its check made before finding the first solution."""
-    while True:
-        solutions, _, rating = _solutions(puzzle, 2)
-        if len(solutions) == 1:
-            return rating
-        other = solutions[0] if solutions[0] != solution else solutions[1]
-        cell = rng.choice([i for i in range(81) if other[i] != solution[i]])
-        puzzle[cell] = solution[cell]
 
 
 def _generate_one(job):
@@ -312,19 +285,16 @@ def _generate_one(job):
 
 
 def generate(n, min_givens, max_givens, seed, workers=1, progress=True):
-    """n unique-solution puzzles, the number of givens of each drawn uniformly from [min_givens, max_givens].
-    Below ~24 givens random removal often gets stuck a little above the draw, so low counts come out
-    rarer than uniform. Returns (rows uint8 (n, 162): puzzle then solution, ratings int64 (n,)).
-    Same seed, same puzzles, whatever `workers` is."""
+    """n unique-solution puzzles, the number of givens of each drawn uniformly from [min_givens, max_givens]
+    (below ~24 random removal often gets stuck a little above the draw, so low counts come out rarer).
+    Returns (rows uint8 (n, 162): puzzle then solution, ratings int64 (n,)), the same for any `workers`."""
     if not 17 <= min_givens <= max_givens <= 80:
         raise ValueError(f"need 17 <= min_givens <= max_givens <= 80, got min_givens={min_givens}, "
                          f"max_givens={max_givens} (no sudoku with fewer than 17 givens has a unique solution)")
-    rows = np.zeros((n, 162), dtype=np.uint8)
-    ratings = np.zeros(n, dtype=np.int64)
+    rows, ratings = np.zeros((n, 162), dtype=np.uint8), np.zeros(n, dtype=np.int64)
     jobs = [(seed, i, min_givens, max_givens) for i in range(n)]
     t0 = last_print = time.time()
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    try:
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:  # exit terminates
         results = pool.imap(_generate_one, jobs, chunksize=8) if pool else map(_generate_one, jobs)
         for i, (puzzle, solution, rating) in enumerate(results):
             rows[i], ratings[i] = puzzle + solution, rating
@@ -332,9 +302,6 @@ def generate(n, min_givens, max_givens, seed, workers=1, progress=True):
                 last_print = time.time()
                 bar = "#" * (30 * (i + 1) // n)
                 print(f"\rgenerating [{bar:<30}] {i + 1}/{n}", end="", file=sys.stderr, flush=True)
-    finally:
-        if pool:
-            pool.terminate()
     if progress:
         seconds = time.time() - t0
         print(f"\ngenerated {n} puzzles in {seconds:.1f}s: {n / max(seconds, 1e-9):.0f} puzzles/s "
@@ -382,8 +349,7 @@ def invert_symmetry(grids, symmetry):
 
 
 def augment(puzzles, solutions, generator=None):
-    """Give every row its own random symmetry (random_symmetry). puzzles, solutions: (B, 81) integer
-    tensors on any device, 0 = blank. Returns new tensors."""
+    """Every row (puzzle and solution, (B, 81) integer tensors, 0 = blank) under its own random symmetry."""
     symmetry = random_symmetry(puzzles.shape[0], generator, puzzles.device)
     return apply_symmetry(puzzles, symmetry), apply_symmetry(solutions, symmetry)
 
@@ -400,18 +366,6 @@ def reveal(puzzles, solutions, min_givens, generator=None):
     return torch.where(blank & (rank < need), solutions, puzzles)
 
 # -----------------------------------------------------------------------------
-# difficulty bins over ratings (see RATING_BINS)
-
-
-def bin_index(values, bins=RATING_BINS):
-    """Index into bins (contiguous (lo, hi, name) ranges, ascending) for each value, -1 below the first;
-    takes a numpy array or a torch tensor and returns the same kind."""
-    starts = [low for low, _, _ in bins]
-    if isinstance(values, torch.Tensor):
-        return torch.searchsorted(torch.tensor(starts, device=values.device), values.long(), right=True) - 1
-    return np.searchsorted(starts, np.asarray(values, dtype=np.int64), side="right") - 1
-
-# -----------------------------------------------------------------------------
 # reading a prepared dataset (what train.py and friends use)
 
 
@@ -426,20 +380,17 @@ def _prepared_file(data_dir, name):
 def read_split(data_dir, split):
     """The rows of a split as a read-only uint8 memmap (N, 162): puzzle cells then solution cells."""
     path = _prepared_file(data_dir, f"{split}.bin")
-    size = path.stat().st_size
-    if size % 162:
-        raise ValueError(f"{path} holds {size} bytes, not a whole number of 162-byte rows")
-    if size == 0:
-        return np.zeros((0, 162), dtype=np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=(size // 162, 162))
+    n, rest = divmod(path.stat().st_size, 162)
+    if rest:
+        raise ValueError(f"{path} holds {path.stat().st_size} bytes, not a whole number of 162-byte rows")
+    # np.memmap refuses an empty file
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, 162)) if n else np.zeros((0, 162), dtype=np.uint8)
 
 
 def read_ratings(data_dir, split):
     """The rating of each row of a split as a read-only uint16 memmap (N,)."""
     path = _prepared_file(data_dir, f"{split}_rating.bin")
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, dtype=np.uint16)
 
 
 def read_meta(data_dir):
@@ -448,20 +399,15 @@ def read_meta(data_dir):
 # -----------------------------------------------------------------------------
 # loading Sudoku-Extreme style CSVs: source,question,answer,rating
 
-
 CSV_HEADER = b"source,question,answer,rating"
 CHUNK_ROWS = 1 << 16  # rows decoded per numpy pass: bounds the temporary arrays
-
-
-def _byte_table(allowed):
-    # byte -> digit for vectorized decoding, '.' and '0' are blanks; 255 marks a byte that is not allowed
-    table = np.full(256, 255, dtype=np.uint8)
-    for ch in allowed:
-        table[ord(ch)] = 0 if ch == "." else int(ch)
-    return table
-
-
 QUESTION_CHARS, ANSWER_CHARS = "123456789.0", "123456789"
+
+
+def _byte_table(allowed):  # byte -> digit for vectorized decoding, '.' and '0' are blanks; 255: not allowed
+    return np.array([int(chr(b).replace(".", "0")) if chr(b) in allowed else 255 for b in range(256)], dtype=np.uint8)
+
+
 QUESTION_BYTES, ANSWER_BYTES = _byte_table(QUESTION_CHARS), _byte_table(ANSWER_CHARS)
 
 
@@ -469,21 +415,16 @@ def load_csv(path, skip_bad=False):
     """Read a CSV with header source,question,answer,rating ('.' or '0' blanks in the question).
     Every row is checked; a bad one raises ValueError "path:line: reason" unless skip_bad drops it.
     Returns (rows uint8 (N, 162), ratings int64 (N,), n_bad). Vectorized: a million rows take seconds."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
-    size = os.path.getsize(path)
-    data = bytearray(size + 256)  # zero padding, so the fixed-width reads below never run off the end
+    size = os.path.getsize(path)  # FileNotFoundError names a missing file
+    buf = np.zeros(size + 256, dtype=np.uint8)  # zero padding, so the fixed-width reads below never run off the end
     with open(path, "rb") as f:
-        if f.readinto(memoryview(data)[:size]) != size:
+        if f.readinto(buf[:size]) != size:
             raise OSError(f"{path}: file changed while reading")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    # line i spans data[starts[i]:ends[i]], without its newline and without a '\r' before that
+    # line i spans buf[starts[i]:ends[i]], without its newline and without a '\r' before that
     newlines = np.flatnonzero(buf[:size] == ord("\n"))
-    starts = np.concatenate([[0], newlines + 1])
-    ends = np.concatenate([newlines, [size]])
+    starts, ends = np.concatenate([[0], newlines + 1]), np.concatenate([newlines, [size]])
     ends -= (ends > starts) & (buf[np.maximum(ends - 1, 0)] == ord("\r"))
-    header = bytes(data[starts[0]:ends[0]])
+    header = buf[starts[0]:ends[0]].tobytes()
     if header.removeprefix(b"\xef\xbb\xbf").strip() != CSV_HEADER:  # also with a UTF-8 BOM
         found = header[:60].decode("utf-8", errors="replace")
         raise ValueError(f"{path}:1: expected the header '{CSV_HEADER.decode()}', found {found!r}")
@@ -501,44 +442,37 @@ def load_csv(path, skip_bad=False):
     question_len, answer_len = answer_start - question_start - 1, rating_start - answer_start - 1
     rating_len = ends - rating_start
     # each check runs once, over all rows; an error names the first check its row fails, in this order
-    failed = {"fields": n_commas != 3, "question length": question_len != 81, "question": np.zeros(n, dtype=bool),
-              "answer length": answer_len != 81, "answer": np.zeros(n, dtype=bool),
-              "rating": (rating_len < 1) | (rating_len > 9), "solution": np.zeros(n, dtype=bool),
-              "givens": np.zeros(n, dtype=bool)}
+    failed = {"fields": n_commas != 3, "question length": question_len != 81, "question": np.zeros(n, bool),
+              "answer length": answer_len != 81, "answer": np.zeros(n, bool),
+              "rating": (rating_len < 1) | (rating_len > 9), "solution": np.zeros(n, bool), "givens": np.zeros(n, bool)}
 
     # views of the 163 bytes from each position (question, comma, answer) and of the 9 from each position
     # (the rating): picking rows of these copies whole byte runs, much faster than an index per byte
     question_answer = np.lib.stride_tricks.sliding_window_view(buf, 163)
     rating_digits = np.lib.stride_tricks.sliding_window_view(buf, 9)
-    rows = np.zeros((n, 162), dtype=np.uint8)
-    ratings = np.zeros(n, dtype=np.int64)
+    rows, ratings = np.zeros((n, 162), dtype=np.uint8), np.zeros(n, dtype=np.int64)
     for lo in range(0, n, CHUNK_ROWS):
         chunk = slice(lo, lo + CHUNK_ROWS)
         fields = question_answer[question_start[chunk]]                                     # (C, 163)
         question, answer = QUESTION_BYTES[fields[:, :81]], ANSWER_BYTES[fields[:, 82:]]  # 255 = illegal
-        digits = rating_digits[rating_start[chunk]].astype(np.int64) - ord("0")             # (C, 9)
-        in_rating = np.arange(9) < rating_len[chunk, None]                               # (C, 9)
-        rating = np.zeros(len(digits), dtype=np.int64)
-        for k in range(9):
-            rating = np.where(in_rating[:, k], rating * 10 + digits[:, k], rating)
+        in_rating = np.arange(9) < rating_len[chunk, None]                                  # (C, 9)
+        digits = np.where(in_rating, rating_digits[rating_start[chunk]].astype(np.int64) - ord("0"), 0)
+        # the k-th of a rating's len digits counts 10 ** (len - 1 - k); ratings longer than 9 fail anyway
+        ratings[chunk] = (digits * 10 ** np.clip(rating_len[chunk, None] - 1 - np.arange(9), 0, 8)).sum(1)
         valid, consistent = check_grids(torch.from_numpy(question), torch.from_numpy(answer))
-        failed["question"][chunk] = (question == 255).any(1)
-        failed["answer"][chunk] = (answer == 255).any(1)
-        failed["rating"][chunk] |= (in_rating & ((digits < 0) | (digits > 9))).any(1)
-        failed["solution"][chunk] = ~valid.numpy()
-        failed["givens"][chunk] = ~consistent.numpy()
-        rows[chunk, :81], rows[chunk, 81:], ratings[chunk] = question, answer, rating
+        failed["question"][chunk], failed["answer"][chunk] = (question == 255).any(1), (answer == 255).any(1)
+        failed["rating"][chunk] |= ((digits < 0) | (digits > 9)).any(1)
+        failed["solution"][chunk], failed["givens"][chunk] = ~valid.numpy(), ~consistent.numpy()
+        rows[chunk, :81], rows[chunk, 81:] = question, answer
 
     bad = np.logical_or.reduce(list(failed.values()))
     n_bad = int(bad.sum())
     if n_bad and not skip_bad:
         i = int(np.argmax(bad))
         check = next(check for check, rows_failing in failed.items() if rows_failing[i])
-        problem = _row_problem(check, bytes(data[starts[i]:ends[i]]), rows[i])
+        problem = _row_problem(check, buf[starts[i]:ends[i]].tobytes(), rows[i])
         raise ValueError(f"{path}:{line_numbers[i]}: {problem}")
-    if n_bad:
-        rows, ratings = rows[~bad], ratings[~bad]
-    return rows, ratings, n_bad
+    return (rows[~bad], ratings[~bad], n_bad) if n_bad else (rows, ratings, 0)
 
 
 def _row_problem(check, line, row):
@@ -574,34 +508,24 @@ def hf_url(filename):
 
 def download(url, dest):
     """Fetch url to dest via dest.part, resuming a partial .part; dest appears only when complete."""
-    dest = str(dest)
-    if os.path.exists(dest):
+    dest, part = Path(dest), Path(f"{dest}.part")
+    if dest.exists():
         print(f"{dest} already there, not downloading")
         return
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = done = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "nanoHRM-prepare_sudoku"}
     if os.environ.get("HF_TOKEN"):
         headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # our .part is no prefix of the file (did it change?): start over
-            os.remove(part)
-            return download(url, dest)
-        raise
-    except http.client.HTTPException as e:  # a garbled reply; everything else arrives as an OSError
-        raise OSError(f"bad reply from the server ({type(e).__name__})") from e
-    with response:
-        if have and response.status != 206:
-            have = 0  # the server ignored the Range header and sends the whole file
-        size = response.headers.get("Content-Length")
-        total = have + int(size) if size is not None else None
-        done, last_print = have, 0.0
-        try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+            if response.status != 206:
+                have = done = 0  # the server ignored the Range header and sends the whole file
+            size = response.headers.get("Content-Length")
+            total = have + int(size) if size is not None else None
+            last_print = 0.0
             with open(part, "ab" if have else "wb") as f:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
@@ -609,17 +533,32 @@ def download(url, dest):
                     if time.time() - last_print > 0.5:
                         last_print = time.time()
                         of_total = f" of {total / 1e6:.1f}" if total else ""
-                        print(f"\r{os.path.basename(dest)}: {done / 1e6:.1f}{of_total} MB", end="",
-                              file=sys.stderr, flush=True)
-        except http.client.HTTPException as e:  # e.g. IncompleteRead; the .part stays, to resume from
-            raise OSError(f"connection broke off after {done} bytes ({type(e).__name__})") from e
-    print(f"\r{os.path.basename(dest)}: {done / 1e6:.1f} MB, done", file=sys.stderr)
+                        print(f"\r{dest.name}: {done / 1e6:.1f}{of_total} MB", end="", file=sys.stderr, flush=True)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # our .part is no prefix of the file (did it change?): start over
+            os.remove(part)
+            return download(url, dest)
+        raise
+    except http.client.HTTPException as e:  # a garbled reply, or one cut off (IncompleteRead: .part stays, to resume)
+        raise OSError(f"bad reply from the server after {done} bytes ({type(e).__name__})") from e
+    print(f"\r{dest.name}: {done / 1e6:.1f} MB, done", file=sys.stderr)
     if total is not None and done != total:
         raise OSError(f"got {done} of {total} bytes; run again to resume")
     os.replace(part, dest)
 
 # -----------------------------------------------------------------------------
 # building a dataset (the command line)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main's error path instead of usage text and exit code 2
+        raise ValueError(f"{message} (see --help)")
+
+
+def _bool(text):
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
 
 
 def parse_args(argv):
@@ -650,62 +589,59 @@ def parse_args(argv):
         raise ValueError("--train_csv and --test_csv go together")
     if not args.train_csv:
         args.source = args.source or "hf"
-    for name in ("subsample_size", "test_size"):
-        if getattr(args, name) < -1:
-            raise ValueError(f"--{name} must be a count, or 0 or -1 for all, got {getattr(args, name)}")
-    for name, low in (("min_rating", 0), ("num_aug", 0), ("n_train", 1), ("n_test", 1), ("workers", 1), ("show_n", 0)):
+    lows = dict(subsample_size=-1, test_size=-1, min_rating=0, num_aug=0, n_train=1, n_test=1, workers=1, show_n=0)
+    for name, low in lows.items():
         if getattr(args, name) < low:
             raise ValueError(f"--{name} must be at least {low}, got {getattr(args, name)}")
     return args
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line through main's error path instead of usage text and exit code 2
-        raise ValueError(f"{message} (see --help)")
-
-
-def _bool(text):
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
 def load_sources(args):
     """Returns {split: (rows, ratings, source description, n_bad)} for train and test."""
-    if args.train_csv:
-        paths = {"train": args.train_csv, "test": args.test_csv}
-    elif args.source == "generate":
+    if args.source == "generate":
         rows, ratings = generate(args.n_train + args.n_test, args.min_givens, args.max_givens, args.seed, args.workers)
         source = f"generate(min_givens={args.min_givens}, max_givens={args.max_givens}, seed={args.seed})"
         n = args.n_train
         return {"train": (rows[:n], ratings[:n], source, 0), "test": (rows[n:], ratings[n:], source, 0)}
-    elif args.source == "hf":
-        paths = {}
-        for split in ("train", "test"):
-            url, dest = hf_url(f"{split}.csv"), os.path.join(args.cache_dir, f"{split}.csv")
+    if args.source not in (None, "hf") and not os.path.isdir(args.source):
+        raise FileNotFoundError(f"--source={args.source}: no such folder (or use hf or generate)")
+    sources = {}
+    for split in ("train", "test"):
+        url = hf_url(f"{split}.csv")
+        if args.train_csv:
+            path = args.train_csv if split == "train" else args.test_csv
+        else:
+            path = os.path.join(args.cache_dir if args.source == "hf" else args.source, f"{split}.csv")
+        if args.source == "hf":
             try:
-                download(url, dest)
+                download(url, path)
             except OSError as e:
                 is_http = isinstance(e, urllib.error.HTTPError)
                 reason = f"HTTP {e.code} {e.reason}" if is_http else getattr(e, "reason", e)
                 raise OSError(f"could not download {url} ({reason}); offline? pass --source=DIR with train.csv "
                               "and test.csv, or --train_csv=/--test_csv=") from e
-            paths[split] = dest
-    else:
-        if not os.path.isdir(args.source):
-            raise FileNotFoundError(f"--source={args.source}: no such folder (or use hf or generate)")
-        paths = {split: os.path.join(args.source, f"{split}.csv") for split in ("train", "test")}
-    sources = {}
-    for split, path in paths.items():
         t0 = time.time()
         rows, ratings, n_bad = load_csv(path, skip_bad=args.skip_bad)
         dropped = f", dropped {n_bad} bad rows" if n_bad else ""
         print(f"{path}: {len(rows)} puzzles in {time.time() - t0:.1f}s{dropped}")
-        source = hf_url(f"{split}.csv") if args.source == "hf" else os.path.abspath(path)
-        sources[split] = (rows, ratings, source, n_bad)
+        sources[split] = (rows, ratings, url if args.source == "hf" else os.path.abspath(path), n_bad)
     return sources
+
+
+def _subset(n, size, seed):
+    """Sorted indices of a random subset of range(n) of the given size (size 0 or -1: everything)."""
+    if size <= 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _question_keys(rows):
+    # each row's 81 question bytes as one opaque value, so numpy can compare whole puzzles
+    return np.ascontiguousarray(rows[:, :81]).view(np.dtype((np.void, 81))).ravel()
+
+
+def _counts(values):
+    return {str(v): int(c) for v, c in zip(*np.unique(values, return_counts=True))}
 
 
 def build(args):
@@ -728,64 +664,27 @@ def build(args):
         if len(rows) == 0:
             raise ValueError(f"no {split} puzzles left (after --min_rating={args.min_rating}?)")
     n_originals = len(train)
-    if args.num_aug > 0:
-        train = np.concatenate([train] + _augmented_copies(train, args.num_aug, args.seed))
+    if args.num_aug > 0:  # random symmetric variants of every row, via the same augment() train.py applies
+        generator = torch.Generator().manual_seed(args.seed)
+        puzzles, solutions = torch.from_numpy(train[:, :81]), torch.from_numpy(train[:, 81:])
+        copies = [torch.cat(augment(puzzles, solutions, generator), dim=1).numpy() for _ in range(args.num_aug)]
+        train = np.concatenate([train] + copies)
         train_ratings = np.tile(train_ratings, args.num_aug + 1)  # a symmetry keeps a puzzle's logic and rating
 
     splits = {"train": (train, train_ratings), "test": (test, test_ratings)}
     meta = {"format": FORMAT}
     for split, (rows, ratings) in splits.items():
-        meta[split] = {"count": len(rows), "rating_hist": _rating_hist(ratings), "givens_hist": _givens_hist(rows),
+        rating_hist = _counts(ratings)
+        if len(rating_hist) > 200:  # too many distinct ratings to list: use the shared bins
+            counts = np.bincount(bin_index(ratings), minlength=len(RATING_BINS))
+            rating_hist = {name: int(c) for (_, _, name), c in zip(RATING_BINS, counts)}
+        meta[split] = {"count": len(rows), "rating_hist": rating_hist,
+                       "givens_hist": _counts(np.count_nonzero(rows[:, :81], axis=1)),
                        "source": sources[split][2], "n_bad": sources[split][3]}
     meta["train"]["count_before_augmentation"] = n_originals
     meta["n_train_test_duplicates_removed"] = int(leaked.sum())
     meta["options"] = vars(args)
     return splits, meta
-
-
-def _subset(n, size, seed):
-    """Sorted indices of a random subset of range(n) of the given size (size 0 or -1: everything)."""
-    if size <= 0 or size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-
-
-def _question_keys(rows):
-    # each row's 81 question bytes as one opaque value, so numpy can compare whole puzzles
-    return np.ascontiguousarray(rows[:, :81]).view(np.dtype((np.void, 81))).ravel()
-
-
-def _augmented_copies(rows, num_aug, seed):
-    """num_aug blocks, each holding a random symmetric variant of every row, via the same augment()
-    that train.py applies on the fly."""
-    generator = torch.Generator().manual_seed(seed)
-    puzzles, solutions = torch.from_numpy(rows[:, :81]), torch.from_numpy(rows[:, 81:])
-    copies = []
-    for _ in range(num_aug):
-        p, s = augment(puzzles, solutions, generator)
-        copies.append(torch.cat([p, s], dim=1).numpy())
-    return copies
-
-
-def _rating_hist(ratings):
-    values, counts = np.unique(ratings, return_counts=True)
-    if len(values) > 200:  # too many distinct ratings to list: use the shared bins
-        counts = np.bincount(bin_index(ratings), minlength=len(RATING_BINS))
-        return {name: int(c) for (_, _, name), c in zip(RATING_BINS, counts)}
-    return {str(v): int(c) for v, c in zip(values, counts)}
-
-
-def _givens_hist(rows):
-    values, counts = np.unique(np.count_nonzero(rows[:, :81], axis=1), return_counts=True)
-    return {str(v): int(c) for v, c in zip(values, counts)}
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_dataset(out_dir, splits, meta):
@@ -796,22 +695,21 @@ def write_dataset(out_dir, splits, meta):
     try:
         os.chmod(tmp, 0o755)
         for split, (rows, ratings) in splits.items():
-            np.ascontiguousarray(rows, dtype=np.uint8).tofile(tmp / f"{split}.bin")
-            np.minimum(ratings, 65535).astype(np.uint16).tofile(tmp / f"{split}_rating.bin")
-            meta[split]["sha256"] = _sha256(tmp / f"{split}.bin")
-            meta[split]["rating_sha256"] = _sha256(tmp / f"{split}_rating.bin")
+            rows, ratings = np.ascontiguousarray(rows, dtype=np.uint8), np.minimum(ratings, 65535).astype(np.uint16)
+            for suffix, key, array in ((".bin", "sha256", rows), ("_rating.bin", "rating_sha256", ratings)):
+                array.tofile(tmp / f"{split}{suffix}")
+                meta[split][key] = hashlib.sha256(array).hexdigest()  # of the bytes just written
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except OSError:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old)
-        else:
+        try:
             os.rename(tmp, out_dir)
+        except OSError:
+            if old.exists():
+                os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
 
@@ -824,13 +722,13 @@ def show(data_dir, n_show, seed):
         rows, ratings = read_split(data_dir, split), read_ratings(data_dir, split)
         if len(ratings) != len(rows):
             raise ValueError(f"{data_dir}: {split}_rating.bin has {len(ratings)} entries for {len(rows)} rows")
-        givens = np.concatenate([np.count_nonzero(rows[i:i + CHUNK_ROWS, :81], axis=1)
-                                 for i in range(0, len(rows), CHUNK_ROWS)] or [np.zeros(0, dtype=np.int64)])
+        givens = np.zeros(len(rows), dtype=np.int64)
+        for i in range(0, len(rows), CHUNK_ROWS):  # in chunks: the memmap may not fit in memory
+            givens[i:i + CHUNK_ROWS] = np.count_nonzero(rows[i:i + CHUNK_ROWS, :81], axis=1)
         bins = np.bincount(bin_index(ratings), minlength=len(RATING_BINS))
-        values, counts = np.unique(givens, return_counts=True)
         print(f"{split}: {len(rows)} puzzles from {meta.get(split, {}).get('source', '?')}")
         print("  rating  " + "  ".join(f"{name}: {c}" for (_, _, name), c in zip(RATING_BINS, bins)))
-        print("  givens  " + "  ".join(f"{v}: {c}" for v, c in zip(values, counts)))
+        print("  givens  " + "  ".join(f"{v}: {c}" for v, c in _counts(givens).items()))
         for i in np.sort(rng.choice(len(rows), size=min(n_show, len(rows)), replace=False)):
             print(f"\n  {split} #{i}: rating {ratings[i]}, {givens[i]} givens")
             grids = format_side_by_side([rows[i, :81], rows[i, 81:]], ["puzzle", "solution"])
@@ -857,6 +755,5 @@ if __name__ == "__main__":
         print("\nerror: interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as e:
-        message = " ".join(str(e).split("\n"))
-        print(f"error: {message}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         sys.exit(1)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_sudoku as sudoku
 from configurator import ConfigError, configure, fail
-from model import HRM, HRMConfig, flops_per_step, peak_tflops
+from model import HRM, HRMConfig, flops_per_step, load_checkpoint, peak_tflops
 from optim import AdamATan2, SignSGD
 
 # -----------------------------------------------------------------------------
@@ -214,9 +214,14 @@ def get_batch(it):
 
 # model and optimizers ----------------------------------------------------------------
 checkpoint = None
-if init_from == 'resume' or eval_only:
+if eval_only:  # the run's architecture and the weights its evals scored (the EMA, when it kept one)
+    try:
+        model, _ = load_checkpoint(ckpt_path, device, ptdtype)
+    except ValueError as e:
+        fail(str(e))
+elif init_from == 'resume':
     if not os.path.exists(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path} to {'evaluate' if eval_only else 'resume'}")
+        fail(f"no checkpoint at {ckpt_path} to resume")
     # onto the CPU: the RNG states must stay there (torch.set_rng_state takes only a CPU tensor), and the
     # model, optimizer and carry are moved to the device as they are loaded below
     checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
@@ -224,26 +229,26 @@ if init_from == 'resume' or eval_only:
         config[k] = checkpoint['config'].get(k, HRMConfig.__dataclass_fields__[k].default)
 elif init_from != 'scratch':
     fail(f"init_from={init_from!r} is not 'scratch' or 'resume'")
-try:
-    model_config = HRMConfig(**{k: config[k] for k in model_keys})
-    model = HRM(model_config, dtype=ptdtype).to(device)
-except (ValueError, RuntimeError) as e:
-    fail(str(e))
-if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
-raw_model = model
+if not eval_only:
+    try:
+        model = HRM(HRMConfig(**{k: config[k] for k in model_keys}), dtype=ptdtype).to(device)
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint['model'])
+raw_model, model_config = model, model.config
 network_params = [p for n, p in model.named_parameters() if n != 'puzzle_emb']
 # foreach (multi-tensor) kernels pay off on CUDA; on CPU the per-tensor loop is faster (bench.py)
 optimizer = AdamATan2(network_params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                       foreach=device_type == 'cuda')
 emb_optimizer = SignSGD([model.puzzle_emb], lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)
-ema_params = [p.detach().float().clone() for p in model.parameters()] if ema > 0 else None
+ema_params = [p.detach().float().clone() for p in model.parameters()] if ema > 0 and not eval_only else None
 
 step, best_exact, elapsed_before, puzzles_seen = 0, 0.0, 0.0, 0
 carries = [model.initial_carry(micro_batch, device) for _ in range(gradient_accumulation_steps)]
-if checkpoint is not None and checkpoint.get('ema') is not None and (ema > 0 or eval_only):
-    ema_params = [t.to(device) for t in checkpoint['ema']]  # eval_only scores what the run's evals scored
-if checkpoint is not None and not eval_only:
+if checkpoint is not None:
+    if ema_params is not None and checkpoint.get('ema') is not None:
+        ema_params = [t.to(device) for t in checkpoint['ema']]
     optimizer.load_state_dict(checkpoint['optimizer'])
     emb_optimizer.load_state_dict(checkpoint['emb_optimizer'])
     step, best_exact = checkpoint['step'], checkpoint['best_exact']

@@ -20,10 +20,11 @@ act = 'fixed'
 halt_max_steps = 6
 q_target = False
 loss = 'softmax'
+shared_levels = True  # TRM's one network for both levels
 # curriculum: every puzzle filled in to at least 40 givens; one clue fewer after each log interval in which
-# the model solved half of its training puzzles
+# the model solved 80% of its training puzzles
 curriculum_givens = 40
-curriculum_pace = 0.5
+curriculum_pace = 0.8
 # training
 global_batch_size = 32
 lr = 2e-3
