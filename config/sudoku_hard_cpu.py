@@ -2,8 +2,9 @@
 # ../shared/data/diabolical, see its SOURCES.md), with a curriculum that starts them filled in from their
 # solutions and takes clues away as the model learns (README, "Hard puzzles"):
 #   python train.py config/sudoku_hard_cpu.py
-# The model is the CPU default's (config/sudoku_cpu.py). Evals use the first 500 test puzzles; the full
-# 5,000: python train.py config/sudoku_hard_cpu.py --eval_only=True
+# The model is the CPU default's (config/sudoku_cpu.py) with one network for both levels. Evals use the first
+# 500 test puzzles; the full 5,000: python train.py config/sudoku_hard_cpu.py --eval_only=True
+# Measured: 55.8 min, 22.5% exact single-pass and 49.9% with 4 checked views on all 5,000 (README).
 out_dir = 'out-sudoku-hard-cpu'
 data_dir = 'data/diabolical'
 prepare_args = '--source=../shared/data/diabolical --subsample_size=0'
