@@ -23,7 +23,7 @@ attn_mask = 'sudoku'
 # log interval in which 80% of the training puzzles come out exact
 curriculum_givens = 40
 curriculum_pace = 0.8
-# label smoothing 0.2 (Speed is Confidence's value): +10 points on the CPU lever runs at 7,500 steps
+# label smoothing 0.2 (Speed is Confidence's value): +10 points on the CPU lever runs at 7,500 steps, +9.6 over the hour
 label_smoothing = 0.2
 log_interval = 50
 # training: TRM's optimizer settings, EMA and batch
