@@ -58,7 +58,6 @@ augment = True              # a random Sudoku symmetry per puzzle per draw
 curriculum_givens = 0       # > 17: training puzzles start filled in from their solutions to this many givens, a
 curriculum_frac = 0.5       # minimum that falls linearly to 17 (the puzzles as given) over this fraction of max_steps,
 curriculum_pace = 0.0       # or, if > 0, by one after each log interval whose train exact accuracy reaches this
-curriculum_spread = 0       # > 0: each puzzle's own minimum is drawn uniformly from [minimum - spread, minimum]
 # optimizer (AdamATan2 for the network, sign-SGD for the puzzle embedding, as the reference)
 lr = 1e-4
 puzzle_emb_lr = 1e-4
@@ -120,10 +119,9 @@ if ptdtype == torch.float16:  # its 5-bit exponent underflows small gradients un
     fail("dtype='float16' needs loss scaling, which train.py does not do: use bfloat16 (or float32)")
 if eval_views < 1:
     fail(f"eval_views={eval_views} must be >= 1")
-if not (0 <= curriculum_givens <= 81 and 0 < curriculum_frac <= 1 and 0 <= curriculum_pace <= 1
-        and 0 <= curriculum_spread <= 64):
-    fail(f"curriculum_givens={curriculum_givens} must be in 0..81, curriculum_frac={curriculum_frac} in (0, 1], "
-         f"curriculum_pace={curriculum_pace} in [0, 1] and curriculum_spread={curriculum_spread} in 0..64")
+if not (0 <= curriculum_givens <= 81 and 0 < curriculum_frac <= 1 and 0 <= curriculum_pace <= 1):
+    fail(f"curriculum_givens={curriculum_givens} must be in 0..81, curriculum_frac={curriculum_frac} in (0, 1] "
+         f"and curriculum_pace={curriculum_pace} in [0, 1]")
 if global_batch_size % (world_size * gradient_accumulation_steps):
     fail(f"global_batch_size={global_batch_size} is not divisible by world_size*gradient_accumulation_steps="
          f"{world_size * gradient_accumulation_steps}")
@@ -203,12 +201,8 @@ def get_batch(it):
     puzzles, solutions = rows[:, :81], rows[:, 81:]
     if augment:
         puzzles, solutions = sudoku.augment(puzzles, solutions, generator=device_rng)
-    min_givens = curriculum_min_givens(it)
-    if min_givens > 17:  # (no draw otherwise: without a curriculum the random streams are unchanged)
-        if curriculum_spread > 0:  # so that the filled puzzles do not all sit at the one minimum
-            min_givens = min_givens - torch.randint(0, curriculum_spread + 1, (global_batch_size, 1), device=device,
-                                                    generator=device_rng)
-        puzzles = sudoku.reveal(puzzles, solutions, min_givens, generator=device_rng)
+    if curriculum_min_givens(it) > 17:  # (no draw otherwise: without a curriculum the random streams are unchanged)
+        puzzles = sudoku.reveal(puzzles, solutions, curriculum_min_givens(it), generator=device_rng)
     min_halt = raw_model.exploration_draw(global_batch_size, device, device_rng) if model_config.act == 'q' else None
     batches = []
     for micro in range(gradient_accumulation_steps):

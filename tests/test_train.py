@@ -260,18 +260,6 @@ def test_curriculum_fills_puzzles_to_its_scheduled_givens(data_dir, tmp_path):
         assert all(c in (0, d) for c, d in zip(p, sol))
 
 
-def test_curriculum_spread_gives_each_puzzle_its_own_minimum(data_dir, tmp_path):
-    # as above, with each row's minimum drawn uniformly from 49 - 12 .. 49: the data's 30-40-given puzzles are
-    # filled to 37..49 givens, and 16 rows of them spread over more than three counts (the run is seeded)
-    ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=6', '--curriculum_givens=81',
-             '--curriculum_frac=1.0', '--curriculum_spread=12'))
-    carry = load(tmp_path)['carry']
-    puzzles, solutions = carry.inputs, carry.labels
-    givens = (puzzles > 0).sum(1)
-    assert givens.min() >= 37 and givens.max() <= 49 and len(set(givens.tolist())) > 3
-    assert ((puzzles == solutions) | (puzzles == 0)).all()
-
-
 def test_paced_curriculum_steps_down_after_each_interval_at_pace(data_dir, tmp_path):
     # every cell given at first (a high lr learns to copy them within 30 steps); the minimum then falls by
     # one after each log interval whose train exact accuracy reaches 0.5, and stays put otherwise
