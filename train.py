@@ -45,7 +45,7 @@ eval_views = 1              # > 1: also report exact_acc_ttc, with this many sym
 eval_check = False          # also report exact_acc_ttc, each puzzle stopping at the first answer that checks
 eval_only = False           # evaluate out_dir/ckpt.pt on the full test set, print the breakdown, exit
 target_exact_acc = 0.0      # stop early once eval exact accuracy reaches this (0 = never)
-max_minutes = 0.0           # stop (with a final eval) after this much wall time (0 = no limit)
+max_minutes = 0.0           # stop so that the run, its final eval included, ends within this much wall time (0 = off)
 wandb_log = False
 wandb_project = 'nanohrm'
 wandb_run_name = 'hrm-sudoku'
@@ -490,7 +490,7 @@ loss_scale = world_size / global_batch_size  # DDP averages over processes: the 
 flops = flops_per_step(model_config, global_batch_size)
 peak = peak_tflops(torch.cuda.get_device_name(device)) if device_type == 'cuda' and ptdtype != torch.float32 else None
 window = {}  # metric sums since the last log line, on device
-t_log, step_log = time.time(), step
+t_log, step_log, eval_s = time.time(), step, 0.0  # eval_s: how long the last eval took
 exit_code, target_reached = 0, False
 while step < max_steps:
     for group in optimizer.param_groups:
@@ -523,7 +523,8 @@ while step < max_steps:
     if step % log_interval == 0 or last or step % eval_every == 0:
         # the one host sync per log interval: metric sums (all processes), stop requests, clock
         names = sorted(window)
-        late = max_minutes > 0 and (elapsed_before + time.time() - t_start) / 60 > max_minutes
+        # the final eval will take about as long as the last one did
+        late = max_minutes > 0 and (elapsed_before + time.time() - t_start + eval_s) / 60 > max_minutes
         packed = torch.stack([window[k].float() for k in names] + [
             torch.tensor(float(stop_signal is not None), device=device), torch.tensor(float(late), device=device)])
         if ddp:
@@ -571,8 +572,10 @@ while step < max_steps:
         if step % eval_every == 0 or last or stop_requested or out_of_time:
             stopping = stop_requested and not (step % eval_every == 0 or last)
             if not stopping:  # a signal saves at once; evals run on schedule and at the end
+                t_eval = time.time()
                 with ema_weights():
                     result = evaluate(eval_max_puzzles, os.path.join(out_dir, 'eval_failures.csv'))
+                eval_s = time.time() - t_eval
                 best_exact = max(best_exact, result['exact_acc'])
                 result.update(step=step, epoch=step / steps_per_epoch, wall_s=elapsed_before + time.time() - t_start,
                               puzzles_seen=puzzles_seen, eval=True)

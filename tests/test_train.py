@@ -334,6 +334,14 @@ def test_sigterm_saves_and_resumes_then_sigint(data_dir, tmp_path):
     assert second['step'] > first['step'] and second['puzzles_seen'] > first['puzzles_seen']
 
 
+def test_max_minutes_stops_at_a_log_step_with_a_final_eval(data_dir, tmp_path):
+    ok(result := train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=100000',
+                       '--log_interval=2', '--max_minutes=0.0001'))
+    assert 'stopping: max_minutes=0.0001 reached' in result.stdout
+    log, step = records(tmp_path), load(tmp_path)['step']
+    assert step % 2 == 0 and step < 100 and log[-1].get('eval') and log[-1]['step'] == step
+
+
 # 5. config errors ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
