@@ -445,6 +445,18 @@ def log_record(record):
                   step=record['step'])
 
 
+def finish(code):
+    """Leave the process group together and exit. The barrier waits for rank 0's checkpoint write; dropping the
+    DDP wrapper frees the backend work its reducer holds while the interpreter is whole (a gloo rank once
+    aborted at exit, 'terminate called without an active exception', when that was left to shutdown)."""
+    global model
+    if ddp:
+        dist.barrier()
+        model = None
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
 if eval_only:
     # the full test split unless the command line itself caps it (config files cap in-training evals)
     cap = eval_max_puzzles if any(a.startswith('--eval_max_puzzles=') for a in sys.argv[1:]) else 0
@@ -454,9 +466,7 @@ if eval_only:
         result = evaluate(cap, os.path.join(out_dir, 'eval_failures.csv'))
     if master_process:
         print_breakdown(result)
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(0)
+    finish(0)
 
 # signals: finish the current step, save, exit 0. A second signal interrupts at once (the last
 # checkpoint on disk is always complete, thanks to the atomic rename).
@@ -597,6 +607,4 @@ while step < max_steps:
                     print(f"stopping: {why}")
                 break
 
-if ddp:
-    dist.destroy_process_group()
-sys.exit(exit_code)
+finish(exit_code)
