@@ -44,15 +44,17 @@ class HRMConfig:
     # Switches. The defaults reproduce the paper; the alternatives are measured in README.
     act: str = 'q'                # 'q': Q-head halting (paper) | 'fixed': always halt_max_steps segments, no Q head
     q_target: bool = True         # the extra no-grad forward giving the Q-continue target (TRM drops it)
-    grad_mode: str = '1step'      # '1step': only the last L and H update get gradient | 'full': backprop the segment
+    grad_mode: str = '1step'      # '1step': only the last L and H update get gradient | 'cycle': the last H cycle
+                                  # (TRM) | 'full': the whole segment
     attn_mask: str = 'none'       # 'none': full attention | 'sudoku': each cell sees its row, column and box peers
     loss: str = 'stablemax'       # 'stablemax' (paper) | 'softmax'
     label_smoothing: float = 0.0  # weight of the uniform target over the 9 digits in the loss (paper: 0)
+    loss_ramp: bool = False       # weight each segment's loss by its index, later ones more (paper: all alike)
     shared_levels: bool = False   # one network for both levels, as TRM (the paper: separate H and L modules)
     attn_impl: str = 'auto'       # 'auto': Triton kernel on CUDA, SDPA elsewhere | 'triton' | 'sdpa'
 
     def __post_init__(self):
-        choices = dict(act=('q', 'fixed'), grad_mode=('1step', 'full'), attn_mask=('none', 'sudoku'),
+        choices = dict(act=('q', 'fixed'), grad_mode=('1step', 'cycle', 'full'), attn_mask=('none', 'sudoku'),
                        loss=('stablemax', 'softmax'), attn_impl=('auto', 'triton', 'sdpa'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -289,12 +291,14 @@ class HRM(nn.Module):
         ctx = (self.rope_cos, self.rope_sin, self.attn_mask, self.uses_triton(x.device))
         # The 1-step gradient: every update but the last L and the last H one runs without grad, so
         # memory and backward cost do not grow with the number of cycles (the paper's O(1) memory).
-        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_mode == 'full'):
-            for h in range(cfg.H_cycles):
-                for l in range(cfg.L_cycles):
-                    if h < cfg.H_cycles - 1 or l < cfg.L_cycles - 1:
-                        z_L = self.L_level(z_L, z_H + x, *ctx)
-                if h < cfg.H_cycles - 1:
+        # 'cycle' (TRM's) backprops the whole last H cycle, 'full' the whole segment.
+        grad = torch.is_grad_enabled()
+        for h in range(cfg.H_cycles):
+            last = h == cfg.H_cycles - 1
+            with torch.set_grad_enabled(grad and (cfg.grad_mode == 'full' or (cfg.grad_mode == 'cycle' and last))):
+                for l in range(cfg.L_cycles - last):
+                    z_L = self.L_level(z_L, z_H + x, *ctx)
+                if not last:
                     z_H = self.H_level(z_H, z_L, *ctx)
         z_L = self.L_level(z_L, z_H + x, *ctx)
         z_H = self.H_level(z_H, z_L, *ctx)
@@ -359,7 +363,10 @@ class HRM(nn.Module):
         over the rows that halted this step, so reading them needs no sync here."""
         logits, labels = outputs['logits'], carry.labels.long() + 1  # digits 1..9 are tokens 2..10
         # each puzzle averaged over its 81 cells
-        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()
+        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1)
+        if self.config.loss_ramp:  # segment s of N counts 2s/(N+1) (mean 1): early segments need not commit yet
+            lm_loss = lm_loss * carry.steps * (2 / (self.config.halt_max_steps + 1))
+        lm_loss = lm_loss.sum()
         with torch.no_grad():
             cell_correct = logits.argmax(-1) == labels                            # (B, 81)
             exact = cell_correct.all(-1)                                          # (B,)
@@ -510,7 +517,9 @@ def flops_per_step(config, batch_size, training=True):
     forward = config.H_cycles * (config.L_cycles * L_pass + H_pass) + 2 * D * config.vocab_size
     if not training:
         return forward * S * batch_size
-    backward = 2 * (forward if config.grad_mode == 'full' else L_pass + H_pass + 2 * D * config.vocab_size)
+    backprop_L = {'1step': 1, 'cycle': config.L_cycles}.get(config.grad_mode)  # L updates in the graph
+    head = 2 * D * config.vocab_size
+    backward = 2 * (forward if backprop_L is None else backprop_L * L_pass + H_pass + head)
     q_target = forward if (config.act == 'q' and config.q_target and config.halt_max_steps > 1) else 0
     return (forward + backward + q_target) * S * batch_size
 

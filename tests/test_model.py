@@ -37,6 +37,9 @@ def test_paper_flops_per_step():
     expected = (24 * per_token_block + heads) * 2 + 2 * (8 * per_token_block + heads)
     assert flops_per_step(cfg, 768) == expected * 82 * 768
     assert 27e12 < flops_per_step(cfg, 768) < 29e12
+    # TRM's gradient through the last H cycle: its 2 L passes and the H pass, 12 blocks, with backward
+    expected = (24 * per_token_block + heads) * 2 + 2 * (12 * per_token_block + heads)
+    assert flops_per_step(HRMConfig(grad_mode='cycle'), 768) == expected * 82 * 768
 
 
 def test_init_statistics():
@@ -83,46 +86,56 @@ def test_attention_mask_changes_output_and_is_respected():
     assert not torch.allclose(logits, logits_full)
 
 
-def test_one_step_gradient_matches_explicit_detach():
-    """Only the last L and last H update carry gradient: compare with a version written out by hand
-    that detaches every earlier state explicitly."""
-    torch.manual_seed(0)
-    cfg = HRMConfig(**TINY)
-    model = HRM(cfg)
-    inputs, labels = random_cells(3)
-    z_H0 = torch.randn(3, 82, 32)
-    z_L0 = torch.randn(3, 82, 32)
+GRAD_UPDATES = {  # which updates of a segment carry gradient: (h, l) for the L ones, (h, 'H') for the H ones
+    '1step': lambda h, l, cfg: h == cfg.H_cycles - 1 and l in (cfg.L_cycles - 1, 'H'),
+    'cycle': lambda h, l, cfg: h == cfg.H_cycles - 1,
+    'full': lambda h, l, cfg: True,
+}
 
-    z_H, z_L, logits, q = model.segment(z_H0, z_L0, inputs)
-    loss = logits.square().mean() + q.square().mean()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+def segment_gradients(grad_mode):
+    """Parameter gradients of one segment from the model, and from a version written out by hand that detaches
+    every state the mode should not backprop through (1step: all but the last L and H update; cycle: the
+    earlier H cycles; full: none)."""
+    torch.manual_seed(0)
+    cfg = HRMConfig(**TINY, grad_mode=grad_mode)  # 2 H x 2 L cycles: the three modes differ
+    model = HRM(cfg)
+    inputs, _ = random_cells(3)
+    z_H0, z_L0 = torch.randn(3, 82, 32), torch.randn(3, 82, 32)
+
+    z_H, _, logits, q = model.segment(z_H0, z_L0, inputs)
+    (logits.square().mean() + q.square().mean()).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
     ctx = (model.rope_cos, model.rope_sin, None, False)
     x = model.embed(inputs)
     zH, zL = z_H0, z_L0
     for h in range(cfg.H_cycles):
-        for l in range(cfg.L_cycles):
-            if (h, l) != (cfg.H_cycles - 1, cfg.L_cycles - 1):
-                zL = model.L_level(zL, zH + x.detach(), *ctx).detach()
-        if h != cfg.H_cycles - 1:
-            zH = model.H_level(zH, zL, *ctx).detach()
-    zL = model.L_level(zL, zH + x, *ctx)
-    zH = model.H_level(zH, zL, *ctx)
-    logits2 = model.lm_head(zH[:, 1:])
-    q2 = model.q_head(zH[:, 0])
-    (logits2.square().mean() + q2.square().mean()).backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+        for l in [*range(cfg.L_cycles), 'H']:
+            keep = GRAD_UPDATES[grad_mode](h, l, cfg)
+            if l == 'H':
+                zH = model.H_level(zH, zL, *ctx)
+                zH = zH if keep else zH.detach()
+            else:
+                zL = model.L_level(zL, zH + (x if keep else x.detach()), *ctx)
+                zL = zL if keep else zL.detach()
     assert torch.allclose(zH, z_H, atol=1e-6)
+    (model.lm_head(zH[:, 1:]).square().mean() + model.q_head(zH[:, 0]).square().mean()).backward()
+    return got, {n: p.grad for n, p in model.named_parameters()}
 
-    # and 'full' really differs: gradient also flows through the earlier updates
-    model.zero_grad()
-    model.config.grad_mode = 'full'
-    z_H, z_L, logits, q = model.segment(z_H0, z_L0, inputs)
-    (logits.square().mean() + q.square().mean()).backward()
-    assert not torch.allclose(grads['L_level.layers.0.mlp.down_proj.weight'], model.L_level.layers[0].mlp.down_proj.weight.grad)
+
+@pytest.mark.parametrize('grad_mode', list(GRAD_UPDATES))
+def test_gradient_modes_match_explicit_detach(grad_mode):
+    got, expected = segment_gradients(grad_mode)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_gradient_modes_differ():
+    # so the test above can tell the modes apart
+    a, b, c = (segment_gradients(mode)[0]['L_level.layers.0.mlp.down_proj.weight'] for mode in GRAD_UPDATES)
+    assert not torch.allclose(a, b) and not torch.allclose(b, c) and not torch.allclose(a, c)
 
 
 def test_act_halts_at_max_steps_and_replaces_halted_rows():
@@ -251,6 +264,21 @@ def test_loss_terms_and_metrics():
     assert metrics['steps'].item() == 2  # two halted rows after one segment each
     loss.backward()  # every parameter, the Q head included, gets a gradient
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_loss_ramp_weights_each_segment_by_its_index():
+    # segment s of N = 4 counts 2s/5 against a float64 cross entropy; off, every segment counts 1
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(**TINY, act='fixed', loss='softmax', loss_ramp=True))
+    inputs, labels = random_cells(4)
+    carry, out = model(model.initial_carry(4, torch.device('cpu')), inputs, labels)
+    carry = carry._replace(steps=torch.tensor([1, 2, 3, 4], dtype=torch.int32))
+    log_p = torch.log_softmax(out['logits'].detach().double(), -1)
+    per_puzzle = -log_p.gather(-1, (labels + 1)[..., None]).squeeze(-1).mean(-1)
+    expected = (per_puzzle * torch.tensor([2, 4, 6, 8], dtype=torch.float64) / 5).sum()
+    torch.testing.assert_close(model.loss(carry, out)[0].double(), expected, rtol=1e-5, atol=1e-6)
+    model.config.loss_ramp = False
+    torch.testing.assert_close(model.loss(carry, out)[0].double(), per_puzzle.sum(), rtol=1e-5, atol=1e-6)
 
 
 def test_fixed_segments_mode_has_no_q_head():
