@@ -49,7 +49,6 @@ class HRMConfig:
     attn_mask: str = 'none'       # 'none': full attention | 'sudoku': each cell sees its row, column and box peers
     loss: str = 'stablemax'       # 'stablemax' (paper) | 'softmax'
     label_smoothing: float = 0.0  # weight of the uniform target over the 9 digits in the loss (paper: 0)
-    loss_ramp: bool = False       # weight each segment's loss by its index, later ones more (paper: all alike)
     shared_levels: bool = False   # one network for both levels, as TRM (the paper: separate H and L modules)
     attn_impl: str = 'auto'       # 'auto': Triton kernel on CUDA, SDPA elsewhere | 'triton' | 'sdpa'
 
@@ -363,10 +362,7 @@ class HRM(nn.Module):
         over the rows that halted this step, so reading them needs no sync here."""
         logits, labels = outputs['logits'], carry.labels.long() + 1  # digits 1..9 are tokens 2..10
         # each puzzle averaged over its 81 cells
-        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1)
-        if self.config.loss_ramp:  # segment s of N counts 2s/(N+1) (mean 1): early segments need not commit yet
-            lm_loss = lm_loss * carry.steps * (2 / (self.config.halt_max_steps + 1))
-        lm_loss = lm_loss.sum()
+        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()
         with torch.no_grad():
             cell_correct = logits.argmax(-1) == labels                            # (B, 81)
             exact = cell_correct.all(-1)                                          # (B,)

@@ -266,21 +266,6 @@ def test_loss_terms_and_metrics():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_loss_ramp_weights_each_segment_by_its_index():
-    # segment s of N = 4 counts 2s/5 against a float64 cross entropy; off, every segment counts 1
-    torch.manual_seed(0)
-    model = HRM(HRMConfig(**TINY, act='fixed', loss='softmax', loss_ramp=True))
-    inputs, labels = random_cells(4)
-    carry, out = model(model.initial_carry(4, torch.device('cpu')), inputs, labels)
-    carry = carry._replace(steps=torch.tensor([1, 2, 3, 4], dtype=torch.int32))
-    log_p = torch.log_softmax(out['logits'].detach().double(), -1)
-    per_puzzle = -log_p.gather(-1, (labels + 1)[..., None]).squeeze(-1).mean(-1)
-    expected = (per_puzzle * torch.tensor([2, 4, 6, 8], dtype=torch.float64) / 5).sum()
-    torch.testing.assert_close(model.loss(carry, out)[0].double(), expected, rtol=1e-5, atol=1e-6)
-    model.config.loss_ramp = False
-    torch.testing.assert_close(model.loss(carry, out)[0].double(), per_puzzle.sum(), rtol=1e-5, atol=1e-6)
-
-
 def test_fixed_segments_mode_has_no_q_head():
     model = HRM(HRMConfig(**TINY, act='fixed'))
     assert not hasattr(model, 'q_head')
