@@ -244,7 +244,7 @@ optimizer = AdamATan2(network_params, lr=lr, betas=(beta1, beta2), weight_decay=
 emb_optimizer = SignSGD([model.puzzle_emb], lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay)
 ema_params = [p.detach().float().clone() for p in model.parameters()] if ema > 0 and not eval_only else None
 
-step, best_exact, elapsed_before, puzzles_seen = 0, 0.0, 0.0, 0
+step, best_exact, elapsed_before, puzzles_seen, eval_s = 0, 0.0, 0.0, 0, 0.0  # eval_s: how long the last eval took
 carries = [model.initial_carry(micro_batch, device) for _ in range(gradient_accumulation_steps)]
 if checkpoint is not None:
     if ema_params is not None and checkpoint.get('ema') is not None:
@@ -253,6 +253,7 @@ if checkpoint is not None:
     emb_optimizer.load_state_dict(checkpoint['emb_optimizer'])
     step, best_exact = checkpoint['step'], checkpoint['best_exact']
     elapsed_before, puzzles_seen = checkpoint['elapsed'], checkpoint['puzzles_seen']
+    eval_s = checkpoint.get('eval_s', 0.0)  # older checkpoints lack it
     paced_givens = checkpoint.get('paced_givens', curriculum_givens)
     order_rng.bit_generator.state = checkpoint['order_rng']
     order, cursor = checkpoint['order'], checkpoint['cursor']
@@ -429,7 +430,8 @@ def save_checkpoint():
         'model': raw_model.state_dict(), 'ema': None if ema_params is None else [t.cpu() for t in ema_params],
         'optimizer': optimizer.state_dict(), 'emb_optimizer': emb_optimizer.state_dict(), 'config': config,
         'step': step, 'best_exact': best_exact, 'elapsed': elapsed_before + time.time() - t_start,
-        'puzzles_seen': puzzles_seen, 'paced_givens': paced_givens, 'carry': type(carries[0])(*global_carry),
+        'puzzles_seen': puzzles_seen, 'eval_s': eval_s, 'paced_givens': paced_givens,
+        'carry': type(carries[0])(*global_carry),
         'order_rng': order_rng.bit_generator.state, 'order': order, 'cursor': cursor,
         'device_rng': device_rng.get_state(), 'cpu_rng': torch.get_rng_state(),
     }
@@ -500,7 +502,7 @@ loss_scale = world_size / global_batch_size  # DDP averages over processes: the 
 flops = flops_per_step(model_config, global_batch_size)
 peak = peak_tflops(torch.cuda.get_device_name(device)) if device_type == 'cuda' and ptdtype != torch.float32 else None
 window = {}  # metric sums since the last log line, on device
-t_log, step_log, eval_s = time.time(), step, 0.0  # eval_s: how long the last eval took
+t_log, step_log = time.time(), step
 exit_code, target_reached = 0, False
 while step < max_steps:
     for group in optimizer.param_groups:

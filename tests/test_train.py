@@ -340,6 +340,7 @@ def test_max_minutes_stops_at_a_log_step_with_a_final_eval(data_dir, tmp_path):
     assert 'stopping: max_minutes=0.0001 reached' in result.stdout
     log, step = records(tmp_path), load(tmp_path)['step']
     assert step % 2 == 0 and step < 100 and log[-1].get('eval') and log[-1]['step'] == step
+    assert load(tmp_path)['eval_s'] > 0  # a resume counts the final eval's length against max_minutes too
 
 
 # 5. config errors ---------------------------------------------------------------------------------------------
