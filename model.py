@@ -510,11 +510,11 @@ def flops_per_step(config, batch_size, training=True):
     D, S = config.hidden_size, config.seq_len + 1
     block = 2 * (4 * D * D + 3 * D * swiglu_width(config)) + 4 * S * D                      # per token
     L_pass, H_pass = config.L_layers * block, config.H_layers * block
-    forward = config.H_cycles * (config.L_cycles * L_pass + H_pass) + 2 * D * config.vocab_size
+    head = 2 * D * config.vocab_size
+    forward = config.H_cycles * (config.L_cycles * L_pass + H_pass) + head
     if not training:
         return forward * S * batch_size
     backprop_L = {'1step': 1, 'cycle': config.L_cycles}.get(config.grad_mode)  # L updates in the graph
-    head = 2 * D * config.vocab_size
     backward = 2 * (forward if backprop_L is None else backprop_L * L_pass + H_pass + head)
     q_target = forward if (config.act == 'q' and config.q_target and config.halt_max_steps > 1) else 0
     return (forward + backward + q_target) * S * batch_size
