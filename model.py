@@ -514,8 +514,8 @@ def flops_per_step(config, batch_size, training=True):
     forward = config.H_cycles * (config.L_cycles * L_pass + H_pass) + head
     if not training:
         return forward * S * batch_size
-    backprop_L = {'1step': 1, 'cycle': config.L_cycles}.get(config.grad_mode)  # L updates in the graph
-    backward = 2 * (forward if backprop_L is None else backprop_L * L_pass + H_pass + head)
+    L_in_graph = config.L_cycles if config.grad_mode == 'cycle' else 1  # L updates the backward goes through
+    backward = 2 * (forward if config.grad_mode == 'full' else L_in_graph * L_pass + H_pass + head)
     q_target = forward if (config.act == 'q' and config.q_target and config.halt_max_steps > 1) else 0
     return (forward + backward + q_target) * S * batch_size
 
