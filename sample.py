@@ -84,7 +84,7 @@ def summary(puzzles, result, solutions, seconds, dev):
     exact = int((grids == solutions).all(-1).sum())
     valid = sudoku.check_grids(puzzles.cpu(), grids)[0].float().mean()
     return (f"exact accuracy {exact / len(grids):.2%} ({exact}/{len(grids)}) | valid {valid:.2%} | "
-            f"mean segments {result['steps'].float().mean():.1f} | {len(grids) / seconds:.0f} puzzles/s on {dev.type}")
+            f"mean segments {result['steps'].float().mean():.1f} | {len(grids) / seconds:.1f} puzzles/s on {dev.type}")
 
 
 def print_trace(cells, history, view):
