@@ -50,8 +50,6 @@ class HRMConfig:
     loss: str = 'stablemax'       # 'stablemax' (paper) | 'softmax'
     label_smoothing: float = 0.0  # weight of the uniform target over the 9 digits in the loss (paper: 0)
     shared_levels: bool = False   # one network for both levels, as TRM (the paper: separate H and L modules)
-    latent_k: int = 1             # > 1: each training puzzle runs from K initial states (the fixed one and K-1
-                                  # random), only the lowest-loss one gets gradient (Speed is Confidence's best-of-K)
     attn_impl: str = 'auto'       # 'auto': Triton kernel on CUDA, SDPA elsewhere | 'triton' | 'sdpa'
 
     def __post_init__(self):
@@ -68,9 +66,6 @@ class HRMConfig:
             raise ValueError(f"shared_levels needs H_layers == L_layers (got {self.H_layers} and {self.L_layers})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.latent_k < 1 or (self.latent_k > 1 and self.act != 'fixed'):
-            raise ValueError(f"latent_k={self.latent_k} must be >= 1, and 1 unless act='fixed' (the K states of a "
-                             f"puzzle would halt apart)")
 
 
 # -----------------------------------------------------------------------------
@@ -232,8 +227,8 @@ class ReasoningModule(nn.Module):
 
 class Carry(NamedTuple):
     """What persists between training steps: the recurrent states and the puzzle each row is on."""
-    z_H: torch.Tensor      # (B, S, D), or (B, K, S, D) with latent_k = K > 1
-    z_L: torch.Tensor      # the same
+    z_H: torch.Tensor      # (B, S, D)
+    z_L: torch.Tensor      # (B, S, D)
     steps: torch.Tensor    # (B,) int32 segments run on the current puzzle
     halted: torch.Tensor   # (B,) bool: the row takes a new puzzle at the next step
     inputs: torch.Tensor   # (B, 81) cells of the current puzzle, 0 = blank
@@ -311,8 +306,8 @@ class HRM(nn.Module):
         return z_H, z_L, logits, q_logits
 
     def initial_carry(self, batch_size, device):
-        S, D, K = self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size, self.config.latent_k
-        z = torch.zeros(batch_size, *(K,) * (K > 1), S, D, dtype=self.forward_dtype, device=device)
+        S, D = self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size
+        z = torch.zeros(batch_size, S, D, dtype=self.forward_dtype, device=device)
         tokens = torch.zeros(batch_size, self.config.seq_len, dtype=torch.long, device=device)
         # every row starts halted, so the first step loads a puzzle into each
         return Carry(z, z.clone(), torch.zeros(batch_size, dtype=torch.int32, device=device),
@@ -324,20 +319,14 @@ class HRM(nn.Module):
         the exploration draw; train.py passes its rank's slice of one global draw so DDP matches a single process."""
         cfg = self.config
         reset = carry.halted
-        z_H, z_L = self.H_init.to(self.forward_dtype), self.L_init.to(self.forward_dtype)
-        if cfg.latent_k > 1:  # chain 0 starts where solve() does, the others from fresh random states
-            z_H, z_L = (torch.cat((z.expand_as(carry.z_H[:, :1]), trunc_normal_(torch.empty_like(
-                carry.z_H[:, 1:]), std=1)), dim=1) for z in (z_H, z_L))
-        z_H = torch.where(reset.view(-1, *(1,) * (carry.z_H.dim() - 1)), z_H, carry.z_H)
-        z_L = torch.where(reset.view(-1, *(1,) * (carry.z_L.dim() - 1)), z_L, carry.z_L)
+        z_H = torch.where(reset[:, None, None], self.H_init.to(self.forward_dtype), carry.z_H)
+        z_L = torch.where(reset[:, None, None], self.L_init.to(self.forward_dtype), carry.z_L)
         steps = torch.where(reset, 0, carry.steps)
         inputs = torch.where(reset[:, None], inputs, carry.inputs)
         labels = torch.where(reset[:, None], labels, carry.labels)
-        shape = z_H.shape
-        z_H, z_L, logits, q_logits = self.segment(z_H.flatten(0, -3), z_L.flatten(0, -3),
-                                                  inputs.repeat_interleave(cfg.latent_k, dim=0))
+        z_H, z_L, logits, q_logits = self.segment(z_H, z_L, inputs)
         # the carry never takes gradient into the next step: segments are trained one at a time
-        z_H, z_L = z_H.detach().view(shape), z_L.detach().view(shape)
+        z_H, z_L = z_H.detach(), z_L.detach()
         outputs = {'logits': logits}
         if cfg.act == 'q':  # outside no_grad: the Q head trains through these
             q_halt, q_continue = q_logits.unbind(-1)
@@ -372,14 +361,8 @@ class HRM(nn.Module):
         """Summed over the batch (the caller divides by the global batch size). Metrics are device tensors of sums
         over the rows that halted this step, so reading them needs no sync here."""
         logits, labels = outputs['logits'], carry.labels.long() + 1  # digits 1..9 are tokens 2..10
-        K = self.config.latent_k
-        if K > 1:  # (B*K, 81, V) rows puzzle-major; metrics are chain 0's, the state solve() starts from
-            losses = cross_entropy(logits, labels.repeat_interleave(K, dim=0), self.config.loss,
-                                   self.config.label_smoothing).mean(-1)
-            lm_loss = losses.view(-1, K).amin(1).sum()  # min: the gradient goes to each puzzle's best state only
-            logits = logits[::K]
-        else:  # each puzzle averaged over its 81 cells
-            lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()
+        # each puzzle averaged over its 81 cells
+        lm_loss = cross_entropy(logits, labels, self.config.loss, self.config.label_smoothing).mean(-1).sum()
         with torch.no_grad():
             cell_correct = logits.argmax(-1) == labels                            # (B, 81)
             exact = cell_correct.all(-1)                                          # (B,)
@@ -531,7 +514,6 @@ def flops_per_step(config, batch_size, training=True):
     forward = config.H_cycles * (config.L_cycles * L_pass + H_pass) + head
     if not training:
         return forward * S * batch_size
-    batch_size *= config.latent_k  # every state runs forward and backward (only the best one's gradient is nonzero)
     L_in_graph = config.L_cycles if config.grad_mode == 'cycle' else 1  # L updates the backward goes through
     backward = 2 * (forward if config.grad_mode == 'full' else L_in_graph * L_pass + H_pass + head)
     q_target = forward if (config.act == 'q' and config.q_target and config.halt_max_steps > 1) else 0

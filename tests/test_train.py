@@ -273,19 +273,6 @@ def test_paced_curriculum_steps_down_after_each_interval_at_pace(data_dir, tmp_p
     assert expected < 81 and load(tmp_path)['paced_givens'] == expected
 
 
-def test_best_of_k_run_resumes_bitwise(data_dir, tmp_path):
-    """latent_k = 2: the (B, K, S, D) carry, mid-puzzle, and the random starting states survive a resume."""
-    args = [*FIXED, f'--data_dir={data_dir}', '--latent_k=2']
-    ok(train(*args, f'--out_dir={tmp_path / "straight"}', '--max_iters=8'))
-    ok(train(*args, f'--out_dir={tmp_path / "cut"}', '--max_iters=4'))
-    mid = load(tmp_path / 'cut')
-    assert mid['carry'].z_H.shape == (16, 2, 82, 32) and (mid['carry'].steps > 0).any()
-    ok(train(*args, f'--out_dir={tmp_path / "cut"}', '--max_iters=8', '--init_from=resume'))
-    a, b = load(tmp_path / 'straight'), load(tmp_path / 'cut')
-    for key in ('model', 'optimizer', 'carry', 'cpu_rng'):
-        assert_same(a[key], b[key], key)
-
-
 def test_ema_follows_its_recursion_across_a_resume(data_dir, tmp_path):
     """EMA weights (ema > 0) are saved, resumed, and updated as ema <- ema + (1 - d) (param - ema) with the
     decay d = min(ema, (1 + t) / (10 + t)) at update t (0-based), checked from two checkpoints."""
