@@ -42,8 +42,7 @@ class HRMConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # Switches. The defaults reproduce the paper; the alternatives are measured in README.
-    act: str = 'q'                # 'q': Q-head halting (paper) | 'fixed': always halt_max_steps segments, no Q head |
-                                  # 'solved': no Q head; a training row halts once its answer is right (or at the max)
+    act: str = 'q'                # 'q': Q-head halting (paper) | 'fixed': always halt_max_steps segments, no Q head
     q_target: bool = True         # the extra no-grad forward giving the Q-continue target (TRM drops it)
     grad_mode: str = '1step'      # '1step': only the last L and H update get gradient | 'cycle': the last H cycle
                                   # (TRM) | 'full': the whole segment
@@ -54,7 +53,7 @@ class HRMConfig:
     attn_impl: str = 'auto'       # 'auto': Triton kernel on CUDA, SDPA elsewhere | 'triton' | 'sdpa'
 
     def __post_init__(self):
-        choices = dict(act=('q', 'fixed', 'solved'), grad_mode=('1step', 'cycle', 'full'), attn_mask=('none', 'sudoku'),
+        choices = dict(act=('q', 'fixed'), grad_mode=('1step', 'cycle', 'full'), attn_mask=('none', 'sudoku'),
                        loss=('stablemax', 'softmax'), attn_impl=('auto', 'triton', 'sdpa'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -335,9 +334,6 @@ class HRM(nn.Module):
         with torch.no_grad():
             steps = steps + 1
             halted = is_last = steps >= cfg.halt_max_steps
-            if cfg.act == 'solved' and self.training:
-                # the halting the Q head learns to predict, read from the labels: solved puzzles make room for new ones
-                halted = halted | (logits.argmax(-1) == labels.long() + 1).all(-1)
             if cfg.act == 'q':
                 # At eval every row runs halt_max_steps segments so a batch halts together.
                 if self.training and cfg.halt_max_steps > 1:

@@ -177,30 +177,6 @@ def test_act_q_halting_per_row_and_exploration():
     assert z_H_row1.shape == (82, 32)
 
 
-def test_act_solved_halts_a_training_row_once_its_answer_is_right():
-    torch.manual_seed(0)
-    model = HRM(HRMConfig(**TINY, act='solved'))
-    assert not hasattr(model, 'q_head')
-    # an output head that answers digit 5 in every cell, whatever the state
-    model.lm_head.weight.data.zero_()
-    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
-    model.lm_head.bias.data[5 + 1] = 1.0  # digit d is token d + 1
-    inputs = torch.zeros(4, 81, dtype=torch.long)
-    labels = torch.full((4, 81), 5)
-    labels[1, 40] = 6  # rows 1 and 3: one cell the head gets wrong
-    labels[3, 0] = 9
-    carry = model.initial_carry(4, torch.device('cpu'))
-    carry, _ = model(carry, inputs, labels)
-    assert carry.halted.tolist() == [True, False, True, False]
-    for step in range(2, model.config.halt_max_steps + 1):  # the wrong rows run on to the max
-        carry, _ = model(carry, inputs, labels)
-        assert carry.steps.tolist() == [1, step, 1, step]
-        assert carry.halted.tolist() == [True, step == model.config.halt_max_steps] * 2
-    model.eval()  # eval never looks at the labels: every row runs halt_max_steps
-    carry = model(model.initial_carry(4, torch.device('cpu')), inputs, labels)[0]
-    assert not carry.halted.any()
-
-
 def test_q_target_is_next_segment_value():
     torch.manual_seed(0)
     model = HRM(HRMConfig(**TINY))
