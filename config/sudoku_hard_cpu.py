@@ -2,7 +2,7 @@
 # ../shared/data/diabolical, see its SOURCES.md), with a curriculum that starts them filled in from their
 # solutions and takes clues away as the model learns (README, "Hard puzzles"):
 #   python train.py config/sudoku_hard_cpu.py
-# The model is the CPU default's (config/sudoku_cpu.py) with one three-layer network for both levels (TRM's, deeper).
+# The model is the CPU default's (config/sudoku_cpu.py) with one three-layer network for both levels (TRM's has two).
 # Evals use the first 500 test puzzles; the full 5,000: python train.py config/sudoku_hard_cpu.py --eval_only=True
 # Measured: 57.8 min; on all 5,000: 47.5% exact single-pass, 70.2% with 4 checked views
 # (two layers: 42.1%, 65.7%; one layer: 38.8%, 64.8%; README).
