@@ -5,7 +5,8 @@
 # The model is the CPU default's (config/sudoku_cpu.py) with one four-layer network for both levels (TRM's has two).
 # Evals use the first 500 test puzzles; the full 5,000: python train.py config/sudoku_hard_cpu.py --eval_only=True
 # Measured: 57.9 min; on all 5,000: 46.7% exact single-pass, 72.5% with 4 checked views, 87.8% with 16
-# (three layers: 47.5%, 70.2%, 83.6%; two: 42.1%, 65.7%, 79.3%; one: 38.8%, 64.8%, 80.8%; README).
+# (five layers: 43.4% single, 85.2% with 16; three: 47.5%, 70.2%, 83.6%; two: 42.1%, 65.7%, 79.3%; one: 38.8%,
+# 64.8%, 80.8%; README).
 out_dir = 'out-sudoku-hard-cpu'
 data_dir = 'data/diabolical'
 prepare_args = '--source=../shared/data/diabolical --subsample_size=0'
@@ -14,7 +15,7 @@ hidden_size = 64
 num_heads = 2
 expansion = 4.0
 H_layers = 4  # over the hour: single-pass +3.3 points for 2 layers over 1, +5.4 for 3 over 2, level for 4 over 3,
-L_layers = 4  # which gained +4.3 points with 16 checked views (README)
+L_layers = 4  # which gained +4.3 points with 16 checked views; 5 fell behind on 22% fewer steps (README)
 H_cycles = 2
 L_cycles = 3  # one more L step a cycle, ~10% more time a step: +4 points at 7,500 steps, +2.8 with views over an hour
 attn_mask = 'sudoku'
