@@ -449,15 +449,14 @@ def log_record(record):
 
 def finish(code):
     """Leave the process group together and exit. The barrier waits for rank 0's checkpoint write; dropping the
-    DDP wrapper frees the backend work its reducer holds while the interpreter is whole (a gloo rank once
-    aborted at exit, 'terminate called without an active exception', when that was left to shutdown)."""
+    DDP wrapper frees the backend work its reducer holds while the interpreter is whole. Even so a gloo rank can
+    abort in its C++ teardown at interpreter exit ('terminate called without an active exception', seen in CI),
+    so DDP ranks skip that teardown with os._exit once every file is written and the output flushed."""
     global model
     if ddp:
         dist.barrier()
         model = None
         dist.destroy_process_group()
-        # gloo can still abort in its C++ teardown at interpreter exit (once more in a .ci/run on 2026-12-02, after
-        # the above); every file is written and closed by now, so flush what remains and skip that teardown
         if 'wandb' in sys.modules:  # its run is otherwise flushed by an atexit hook, which os._exit skips
             sys.modules['wandb'].finish()
         sys.stdout.flush()
