@@ -458,7 +458,7 @@ def finish(code):
         model = None
         dist.destroy_process_group()
         if 'wandb' in sys.modules:  # its run is otherwise flushed by an atexit hook, which os._exit skips
-            sys.modules['wandb'].finish()
+            sys.modules['wandb'].finish(exit_code=code)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
