@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,6 +276,8 @@ try:  # forcing the kernel where it cannot run (attn_impl='triton' with fp32 on 
 except (ValueError, RuntimeError) as e:
     fail(str(e))
 if compile and device_type != 'mps' and not eval_only:  # inductor's mps backend is young and untested here
+    if device_type == 'cpu' and not any(map(shutil.which, (os.environ.get('CXX', 'g++'), 'g++', 'clang++'))):
+        fail("compile=True on CPU needs a C++ compiler (g++ or clang++): install one or pass --compile=False")
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
