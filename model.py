@@ -385,12 +385,14 @@ class HRM(nn.Module):
         return loss, metrics
 
     @torch.no_grad()
-    def solve(self, puzzles, segments=None, halt=False, views=1, check=False, trace=False, generator=None):
+    def solve(self, puzzles, segments=None, halt=False, views=1, check=False, restart=0, trace=False, generator=None):
         """Batch inference on (B, 81) puzzles, cells 0..9 (0 = blank): `segments` (= halt_max_steps) segments of each,
         as the paper evaluates. Test-time compute: views=K solves K random symmetries of each puzzle (the first is the
         puzzle itself) as one batch; check=True stops a puzzle once a view's answer is a valid grid keeping the givens
-        (exact for unique-solution puzzles); halt=True stops a view where the Q head says halt. A puzzle's answer is
-        its first checking view's, else a per-cell vote over its views (ties to the first view)."""
+        (exact for unique-solution puzzles); halt=True stops a view where the Q head says halt; restart=T starts a view
+        over as a fresh random symmetry every T segments while its answer does not check (same compute, more views: the
+        views that solve mostly do so within a few segments). A puzzle's answer is its first checking view's, else a
+        per-cell vote over its views' last answers (ties to the first view)."""
         segments = segments or self.config.halt_max_steps
         B, K, device = puzzles.shape[0], views, puzzles.device
         N = B * K  # rows are puzzle-major: row b*K + k is view k of puzzle b
@@ -407,24 +409,36 @@ class HRM(nn.Module):
         q_halt = torch.full((N,), float('nan'), device=device) if self.config.act == 'q' else None
         rows = torch.arange(N, device=device)  # the view each row of the running batch belongs to
         history = []
-        for _ in range(segments):
+        for i in range(segments):
             z_H, z_L, logits, q_logits = self.segment(z_H, z_L, cells)
             answer = logits[..., 2:].argmax(-1) + 1                                  # (n, 81) digits 1..9
             preds[rows], steps[rows] = answer, steps[rows] + 1
             if q_logits is not None:
                 q_halt[rows] = q_logits[:, 0]
-            if trace:
-                history.append(preds.clone())
+            if trace:  # mapped back now: a restart changes the row's symmetry
+                history.append(sudoku.invert_symmetry(preds, symmetry))
             stop = None
-            if check:
+            if check or restart:
                 valid, consistent = sudoku.check_grids(grids[rows], answer)
+                ok = valid & consistent
+            if check:
                 # summed, not index_put: several views of one puzzle share its index, and writes to one index race
-                ok = (valid & consistent).int()
-                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, ok) > 0
+                solved = torch.zeros(B, dtype=torch.int32, device=device).index_add_(0, rows // K, ok.int()) > 0
                 stop = solved[rows // K]  # every view of a solved puzzle stops
             if halt and q_logits is not None:
                 wants_halt = q_logits[:, 0] > q_logits[:, 1]
                 stop = wants_halt if stop is None else stop | wants_halt
+            if restart and i < segments - 1:
+                fresh = (steps[rows] % restart == 0) & ~ok & (True if stop is None else ~stop)
+                if fresh.any():  # these rows go on, each on a new view from the initial states
+                    again = rows[fresh]
+                    new = sudoku.random_symmetry(len(again), generator, device)
+                    for part, p in zip(symmetry, new):
+                        part[again] = p
+                    grids[again] = sudoku.apply_symmetry(puzzles[again // K].long(), new)
+                    cells = torch.where(fresh[:, None], grids[rows], cells)
+                    z_H = torch.where(fresh[:, None, None], self.H_init.to(z_H.dtype), z_H)
+                    z_L = torch.where(fresh[:, None, None], self.L_init.to(z_L.dtype), z_L)
             if stop is not None and stop.any():  # a host sync, only on these opt-in paths
                 z_H, z_L, cells, rows = (t[~stop] for t in (z_H, z_L, cells, rows))
                 if len(rows) == 0:
@@ -443,8 +457,7 @@ class HRM(nn.Module):
         return Solution(
             grids=final, steps=steps.view(B, K).amax(1), checked=valid & consistent,
             view=view, q_halt=None if q_halt is None else q_halt[chosen],
-            history=sudoku.invert_symmetry(torch.stack(history).flatten(0, 1), tuple(
-                t.repeat(len(history), 1) for t in symmetry)).view(-1, B, K, 81) if trace else None)
+            history=torch.stack(history).view(-1, B, K, 81) if trace else None)
 
 
 class Solution(NamedTuple):

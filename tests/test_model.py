@@ -409,6 +409,42 @@ def test_a_checking_view_beats_a_majority_that_does_not_check():
     assert torch.equal(result.grids, wrong)
 
 
+def test_restart_replaces_a_view_that_does_not_check():
+    # a stub that solves a view only when its top-left cell is a given (the solver's answer for those view cells),
+    # on puzzles whose own top-left is blank: the puzzle as given never checks, new views do, and their answers
+    # must come back in the puzzle's own cells and digits (the generator's solutions)
+    puzzles, solutions = unique_puzzles(24, seed=4)
+    blank = puzzles[:, 0] == 0
+    puzzles, solutions = puzzles[blank], solutions[blank]
+    junk = torch.ones(81, dtype=torch.long)
+    seen = []
+
+    def answer_for(cells, t):
+        seen.append(cells.clone())
+        return torch.tensor(sudoku._solutions(cells.tolist(), 1)[0][0]) if cells[0] else junk
+
+    model = StubHRM(answer_for).eval()
+    assert not model.solve(puzzles, segments=12, views=1, check=True).checked.any()
+    result = model.solve(puzzles, segments=12, views=1, check=True, restart=1, trace=True,
+                         generator=torch.Generator().manual_seed(0))
+    assert result.checked.all() and torch.equal(result.grids, solutions) and (result.steps > 1).all()
+    for b in range(len(puzzles)):  # the trace is in the puzzle's own cells too
+        assert torch.equal(result.history[result.steps[b] - 1, b, 0], solutions[b])
+
+    # restart=3 with a stub that never checks: every 3 segments a new view of the same puzzle, the first the puzzle
+    seen.clear()
+    model = StubHRM(lambda cells, t: answer_for(cells, t) * 0 + junk).eval()
+    model.solve(puzzles, segments=12, views=1, check=True, restart=3, generator=torch.Generator().manual_seed(0))
+    n = len(puzzles)
+    assert model.calls == [n] * 12
+    views = torch.stack(seen).view(12, n, 81)
+    assert torch.equal(views[0], puzzles)
+    for t in range(1, 12):
+        same = (views[t] == views[t - 1]).all(-1)
+        assert same.all() if t % 3 else not same.any()
+    assert torch.equal((views > 0).sum(-1), (puzzles > 0).sum(-1).expand(12, n))
+
+
 def test_bad_config_values():
     with pytest.raises(ValueError, match='attn_mask'):
         HRMConfig(attn_mask='diagonal')
