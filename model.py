@@ -429,7 +429,9 @@ class HRM(nn.Module):
                 wants_halt = q_logits[:, 0] > q_logits[:, 1]
                 stop = wants_halt if stop is None else stop | wants_halt
             if restart and i < segments - 1:
-                fresh = (steps[rows] % restart == 0) & ~ok & (True if stop is None else ~stop)
+                fresh = (steps[rows] % restart == 0) & ~ok
+                if stop is not None:
+                    fresh &= ~stop
                 if fresh.any():  # these rows go on, each on a new view from the initial states
                     again = rows[fresh]
                     new = sudoku.random_symmetry(len(again), generator, device)
