@@ -44,6 +44,7 @@ eval_max_puzzles = 0        # evaluate on the first N test puzzles (0 = all)
 eval_segments = 0           # segments run per test puzzle (0 = halt_max_steps, as the paper)
 eval_views = 1              # > 1: also report exact_acc_ttc, with this many symmetric views per puzzle
 eval_check = False          # also report exact_acc_ttc, each puzzle stopping at the first answer that checks
+eval_restart = 0            # also report exact_acc_ttc, a view not checking after this many segments starting over
 eval_only = False           # evaluate out_dir/ckpt.pt on the full test set, print the breakdown, exit
 target_exact_acc = 0.0      # stop early once eval exact accuracy reaches this (0 = never)
 max_minutes = 0.0           # stop so that the run, its final eval included, ends within this much wall time (0 = off)
@@ -118,8 +119,8 @@ if ptdtype is None:
     fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
 if ptdtype == torch.float16:  # its 5-bit exponent underflows small gradients unless the loss is scaled
     fail("dtype='float16' needs loss scaling, which train.py does not do: use bfloat16 (or float32)")
-if eval_views < 1:
-    fail(f"eval_views={eval_views} must be >= 1")
+if eval_views < 1 or eval_restart < 0:
+    fail(f"eval_views={eval_views} must be >= 1 and eval_restart={eval_restart} >= 0")
 if not (0 <= curriculum_givens <= 81 and 0 < curriculum_frac <= 1 and 0 <= curriculum_pace <= 1):
     fail(f"curriculum_givens={curriculum_givens} must be in 0..81, curriculum_frac={curriculum_frac} in (0, 1] "
          f"and curriculum_pace={curriculum_pace} in [0, 1]")
@@ -319,12 +320,12 @@ def evaluate(max_puzzles, failures_path=None):
     """Exact accuracy (all 81 cells right), cell accuracy, mean segments and Q-halt accuracy on the
     test split, overall and per difficulty bin; test puzzles are sharded over the processes.
     The paper's metric (`exact_acc`) is always the puzzle as given, a fixed eval_segments, no check.
-    With eval_views > 1 or eval_check, a second solve adds the test-time-compute metric (`exact_acc_ttc`):
-    eval_views symmetric views, up to eval_segments, stopping at the first answer that checks."""
+    With eval_views > 1, eval_check or eval_restart, a second solve adds the test-time-compute metric
+    (`exact_acc_ttc`): eval_views symmetric views, up to eval_segments, stopping at the first answer that checks."""
     raw_model.eval()
     n = len(test_rows) if not max_puzzles else min(max_puzzles, len(test_rows))
     mine = np.arange(rank, n, world_size)
-    ttc = eval_views > 1 or eval_check
+    ttc = eval_views > 1 or eval_check or eval_restart > 0
     generator = torch.Generator(device=device).manual_seed(seed + 2)  # the same views at every eval
     bins = {'rating': sudoku.RATING_BINS, 'givens': sudoku.GIVENS_BINS}
     metrics = ['exact', 'exact_ttc'] if ttc else ['exact']
@@ -352,7 +353,7 @@ def evaluate(max_puzzles, failures_path=None):
                 torch.cuda.synchronize(device)
             t0 = time.time()
             answer = raw_model.solve(puzzles, segments=eval_segments or None, views=eval_views, check=eval_check,
-                                     generator=generator)
+                                     restart=eval_restart, generator=generator)
             exact_ttc = (answer.grids == solutions).all(-1).cpu().numpy()  # (a sync, so the clock is fair)
             sums['seconds_ttc'] += time.time() - t0
             sums['exact_ttc'] += float(exact_ttc.sum())
@@ -384,7 +385,8 @@ def evaluate(max_puzzles, failures_path=None):
               'q_halt_acc': sums['q_right'] / n if model_config.act == 'q' else None, 'puzzles': n}
     if ttc:
         result.update(exact_acc_ttc=sums['exact_ttc'] / n, ttc_views=eval_views, ttc_check=eval_check,
-                      ttc_segments=eval_segments or model_config.halt_max_steps, ttc_steps=sums['steps_ttc'] / n,
+                      ttc_restart=eval_restart, ttc_segments=eval_segments or model_config.halt_max_steps,
+                      ttc_steps=sums['steps_ttc'] / n,
                       ttc_puzzles_per_s=n / max(sums['seconds_ttc'] / world_size, 1e-9))
     for key, bin_list in bins.items():
         for _, _, name in bin_list:
@@ -407,7 +409,8 @@ def print_breakdown(result):
           f"segments {result['steps']:.1f} | q-halt accuracy {q_halt} | {result['puzzles']} puzzles")
     if 'exact_acc_ttc' in result:
         print(f"  test-time: exact accuracy {result['exact_acc_ttc']:.2%} with {result['ttc_views']} views, up to "
-              f"{result['ttc_segments']} segments{', checked' if result['ttc_check'] else ''} | mean segments run "
+              f"{result['ttc_segments']} segments{', checked' if result['ttc_check'] else ''}"
+              f"{f', restarted every {eval_restart}' if eval_restart else ''} | mean segments run "
               f"{result['ttc_steps']:.1f} | {result['ttc_puzzles_per_s']:.3g} puzzles/s")
     for m, label in (('exact', ''), ('exact_ttc', 'test-time ')):
         for key in ('rating', 'givens'):
