@@ -410,7 +410,7 @@ def print_breakdown(result):
     if 'exact_acc_ttc' in result:
         print(f"  test-time: exact accuracy {result['exact_acc_ttc']:.2%} with {result['ttc_views']} views, up to "
               f"{result['ttc_segments']} segments{', checked' if result['ttc_check'] else ''}"
-              f"{f', restarted every {eval_restart}' if eval_restart else ''} | mean segments run "
+              f"{', restarted every %d' % result['ttc_restart'] if result['ttc_restart'] else ''} | mean segments run "
               f"{result['ttc_steps']:.1f} | {result['ttc_puzzles_per_s']:.3g} puzzles/s")
     for m, label in (('exact', ''), ('exact_ttc', 'test-time ')):
         for key in ('rating', 'givens'):

@@ -420,7 +420,8 @@ def test_eval_only_prints_the_breakdown(fixed_run, data_dir, tmp_path):
     result = ok(train(*FIXED, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_only=True', *TTC))
     lines = result.stdout.splitlines()
     assert f"exact accuracy {ev['exact_acc']:.2%} | cell accuracy {ev['cell_acc']:.2%}" in lines[1]
-    assert f"  test-time: exact accuracy {ev['exact_acc_ttc']:.2%} with 3 views, up to 3 segments, checked, restarted every 2 |" in lines[2]
+    assert (f"  test-time: exact accuracy {ev['exact_acc_ttc']:.2%} with 3 views, up to 3 segments, checked, "
+            f"restarted every 2 |") in lines[2]
     assert any(line.startswith('  test-time by rating:') for line in lines)
 
 
