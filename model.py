@@ -385,14 +385,17 @@ class HRM(nn.Module):
         return loss, metrics
 
     @torch.no_grad()
-    def solve(self, puzzles, segments=None, halt=False, views=1, check=False, restart=0, trace=False, generator=None):
+    def solve(self, puzzles, segments=None, halt=False, views=1, check=False, restart=0, hints=0, trace=False,
+              generator=None):
         """Batch inference on (B, 81) puzzles, cells 0..9 (0 = blank): `segments` (= halt_max_steps) segments of each,
         as the paper evaluates. Test-time compute: views=K solves K random symmetries of each puzzle (the first is the
         puzzle itself) as one batch; check=True stops a puzzle once a view's answer is a valid grid keeping the givens
         (exact for unique-solution puzzles); halt=True stops a view where the Q head says halt; restart=T starts a view
         over as a fresh random symmetry every T segments while its answer does not check (same compute, more views: the
-        views that solve mostly do so within a few segments). A puzzle's answer is its first checking view's, else a
-        per-cell vote over its views' last answers (ties to the first view)."""
+        views that solve mostly do so within a few segments), and with hints=h the new view keeps the h cells the model
+        was surest of in the old view's answer as extra givens (so a view's puzzle gains h givens a restart: a search
+        the model guides; the answer must still check against the puzzle's own givens). A puzzle's answer is its
+        first checking view's, else a per-cell vote over its views' last answers (ties to the first view)."""
         segments = segments or self.config.halt_max_steps
         B, K, device = puzzles.shape[0], views, puzzles.device
         N = B * K  # rows are puzzle-major: row b*K + k is view k of puzzle b
@@ -434,10 +437,19 @@ class HRM(nn.Module):
                     fresh &= ~stop
                 if fresh.any():  # these rows go on, each on a new view from the initial states
                     again = rows[fresh]
+                    given = puzzles[again // K].long()
+                    if hints:  # in the puzzle's own cells: the old view's givens plus its h surest answer cells
+                        old = tuple(part[again] for part in symmetry)
+                        given = sudoku.invert_symmetry(grids[again], old)
+                        sure = logits[fresh][..., 2:].float().softmax(-1).amax(-1)       # view cell i is
+                        sure = torch.zeros_like(sure).scatter_(1, old[0], sure)           # puzzle cell index[i]
+                        top = sure.masked_fill(given > 0, -1).topk(min(hints, 81), dim=1).indices
+                        guess = sudoku.invert_symmetry(answer[fresh], old)
+                        given = torch.where(given > 0, given, given.scatter(1, top, guess.gather(1, top)))
                     new = sudoku.random_symmetry(len(again), generator, device)
                     for part, p in zip(symmetry, new):
                         part[again] = p
-                    grids[again] = sudoku.apply_symmetry(puzzles[again // K].long(), new)
+                    grids[again] = sudoku.apply_symmetry(given, new)
                     cells = torch.where(fresh[:, None], grids[rows], cells)
                     z_H = torch.where(fresh[:, None, None], self.H_init.to(z_H.dtype), z_H)
                     z_L = torch.where(fresh[:, None, None], self.L_init.to(z_L.dtype), z_L)

@@ -30,6 +30,7 @@ segments = 0                 # 0 = until the Q head halts, at most halt_max_step
 views = 1                    # random symmetries of each puzzle solved together (the first is the puzzle as given)
 check = True                 # stop a puzzle at the first segment where an answer is a valid grid keeping the givens
 restart = 0                  # a view not checking after this many segments starts over as a new random view (0 = off)
+hints = 0                    # a restarted view keeps this many of its surest answer cells as extra givens
 trace = False                # print how the answer changes segment by segment
 json_output = False          # one JSON object per puzzle (also --json)
 batch_size = 256             # puzzles per solve
@@ -107,9 +108,11 @@ def main():
         configure(globals(), args)
     except ConfigError as e:
         fail(str(e))
-    if batch_size < 1 or segments < 0 or views < 1 or restart < 0:
-        fail(f"need batch_size >= 1, segments >= 0, views >= 1 and restart >= 0, "
-             f"got {batch_size}, {segments}, {views} and {restart}")
+    if batch_size < 1 or segments < 0 or views < 1 or restart < 0 or hints < 0:
+        fail(f"need batch_size >= 1, segments >= 0, views >= 1, restart >= 0 and hints >= 0, "
+             f"got {batch_size}, {segments}, {views}, {restart} and {hints}")
+    if hints and not restart:
+        fail("hints are kept when a view restarts: set --restart too")
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
     items = read_puzzles()
@@ -139,7 +142,7 @@ def main():
     generator = torch.Generator(device=dev).manual_seed(seed)
     puzzles = torch.from_numpy(np.stack([cells for cells, _ in items])).to(dev)
     result, t_solve = solve_all(model, puzzles, generator, segments=n, halt=act and segments == 0, views=views,
-                                check=check, restart=restart, trace=trace)
+                                check=check, restart=restart, hints=hints, trace=trace)
     valid, consistent = sudoku.check_grids(puzzles.cpu(), result['grids'])
 
     for i, (cells, answer) in enumerate(items):
@@ -170,7 +173,8 @@ def main():
         print(f"paper metric (1 view, {int(paper['steps'].max())} segments, no check): "
               f"{summary(puzzles, paper, solutions, t_paper, dev)}", file=out)
         print(f"test-time ({views} view{'s' * (views > 1)}, up to {n or model.config.halt_max_steps} segments"
-              f"{', checked' if check else ''}{f', restarted every {restart}' if restart else ''}): "
+              f"{', checked' if check else ''}{f', restarted every {restart}' if restart else ''}"
+              f"{f' keeping {hints} hints' if hints else ''}): "
               f"{summary(puzzles, result, solutions, t_solve, dev)}", file=out)
 
 

@@ -328,8 +328,11 @@ class StubHRM(HRM):
     def segment(self, z_H, z_L, cells):
         t = int(z_H[0, 0, 0]) + 1
         self.calls.append(len(cells))
-        answers = torch.stack([self.answer_for(row, t) for row in cells])
-        logits = F.one_hot(answers + 1, 11).float() * 10
+        # answer_for gives a row's digits, or (digits, (81,) logit of each), by default 10 for every cell
+        rows = [out if isinstance(out, tuple) else (out, torch.full((81,), 10.0))
+                for out in (self.answer_for(row, t) for row in cells)]
+        answers, sureness = (torch.stack(part) for part in zip(*rows))
+        logits = F.one_hot(answers + 1, 11).float() * sureness[..., None]
         z_H = torch.full((len(cells), 82, 32), float(t))
         return z_H, z_H.clone(), logits, None
 
@@ -443,6 +446,35 @@ def test_restart_replaces_a_view_that_does_not_check():
         same = (views[t] == views[t - 1]).all(-1)
         assert same.all() if t % 3 else not same.any()
     assert torch.equal((views > 0).sum(-1), (puzzles > 0).sum(-1).expand(12, n))
+
+
+def test_hints_keep_the_surest_cells_of_a_restarted_view():
+    # a stub sure (logit 10) of the right digit in its view's first 4 blank cells (row-major) and unsure (logit 1) of
+    # wrong digits everywhere else, that solves a view only once it has 8 givens more than the puzzle: with hints=4
+    # each restart must carry exactly those 4 cells over, through the view's symmetry, so the third view solves
+    puzzles, solutions = unique_puzzles(8, seed=5)
+    puzzles = sudoku.reveal(puzzles, solutions, 36, torch.Generator().manual_seed(0))  # all 36 givens, still unique
+    assert ((puzzles > 0).sum(1) == 36).all()
+
+    def answer_for(cells, t):
+        found = sudoku._solutions(cells.tolist(), 2)[0]
+        assert len(found) == 1, "a hint broke the puzzle"
+        solution = torch.tensor(found[0])
+        if (cells > 0).sum() >= 36 + 8:
+            return solution
+        blanks = (cells == 0).nonzero().squeeze(1)
+        sure = torch.ones(81)
+        sure[blanks[:4]] = 10.0
+        wrong = solution % 9 + 1
+        wrong[blanks[:4]] = solution[blanks[:4]]
+        return torch.where(cells > 0, cells, wrong), sure
+
+    model = StubHRM(answer_for).eval()
+    settings = dict(segments=6, views=1, check=True, restart=1)
+    assert not model.solve(puzzles, **settings, generator=torch.Generator().manual_seed(0)).checked.any()
+    result = model.solve(puzzles, **settings, hints=4, generator=torch.Generator().manual_seed(0))
+    assert result.checked.all() and torch.equal(result.grids, solutions)
+    assert (result.steps == 3).all()
 
 
 def test_bad_config_values():

@@ -137,7 +137,7 @@ def good(checkpoint, test_puzzles, tmp_path_factory):
         'trace': (['--trace', f'--puzzle={p[0]}'], None),  # also the '.' spelling of p[0]
         'views': (['--json', '--views=4', '--check=False', '--segments=2', f'--file={csv_file}'], None),
         'views trace': (['--trace', '--views=3', f'--puzzle={p[0]}'], None),
-        'restart': (['--views=2', '--restart=1', '--segments=3', f'--file={csv_file}'], None),
+        'restart': (['--views=2', '--restart=1', '--hints=2', '--segments=3', f'--file={csv_file}'], None),
     }
     results = run_all(cases, checkpoint)
     for result in results.values():
@@ -222,7 +222,8 @@ def test_views_answers_check_and_are_digits(good, test_puzzles):
     summary = good['views'].stderr
     assert 'paper metric (1 view, 2 segments, no check)' in summary
     assert 'test-time (4 views, up to 2 segments)' in summary
-    assert 'test-time (2 views, up to 3 segments, checked, restarted every 1): exact accuracy' in good['restart'].stdout
+    assert ('test-time (2 views, up to 3 segments, checked, restarted every 1 keeping 2 hints): exact accuracy'
+            in good['restart'].stdout)
 
 
 def test_trace_shows_each_segment(good, test_puzzles):
@@ -282,6 +283,8 @@ def bad(checkpoint, test_puzzles, tmp_path_factory):
         'empty puzzle': (['--puzzle='], None, '81 cells'),
         'bad views': (['--views=0'], None, 'views'),
         'bad restart': (['--restart=-1'], None, 'restart'),
+        'bad hints': (['--restart=1', '--hints=-1'], None, 'hints >= 0'),
+        'hints without restart': (['--hints=2'], None, 'set --restart too'),
         'bad dtype': (['--dtype=float8'], None, 'dtype'),
     }
     results = run_all({name: (args, stdin) for name, (args, stdin, _) in cases.items()}, checkpoint)
@@ -290,7 +293,7 @@ def bad(checkpoint, test_puzzles, tmp_path_factory):
 
 @pytest.mark.parametrize('case', ['wrong length', 'illegal character', 'conflicting givens', 'missing checkpoint',
                                   'missing file', 'binary file', 'bad batch size', 'bad device', 'empty puzzle',
-                                  'bad views', 'bad restart', 'bad dtype'])
+                                  'bad views', 'bad restart', 'bad hints', 'hints without restart', 'bad dtype'])
 def test_bad_input_is_one_error_line(bad, case):
     result, expected = bad[case]
     assert result.returncode == 2, result.stderr
