@@ -45,6 +45,7 @@ eval_segments = 0           # segments run per test puzzle (0 = halt_max_steps, 
 eval_views = 1              # > 1: also report exact_acc_ttc, with this many symmetric views per puzzle
 eval_check = False          # also report exact_acc_ttc, each puzzle stopping at the first answer that checks
 eval_restart = 0            # also report exact_acc_ttc, a view not checking after this many segments starting over
+eval_hints = 0              # with eval_restart: a restarted view keeps this many of its surest cells as givens
 eval_only = False           # evaluate out_dir/ckpt.pt on the full test set, print the breakdown, exit
 target_exact_acc = 0.0      # stop early once eval exact accuracy reaches this (0 = never)
 max_minutes = 0.0           # stop so that the run, its final eval included, ends within this much wall time (0 = off)
@@ -119,8 +120,10 @@ if ptdtype is None:
     fail(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
 if ptdtype == torch.float16:  # its 5-bit exponent underflows small gradients unless the loss is scaled
     fail("dtype='float16' needs loss scaling, which train.py does not do: use bfloat16 (or float32)")
-if eval_views < 1 or eval_restart < 0:
-    fail(f"eval_views={eval_views} must be >= 1 and eval_restart={eval_restart} >= 0")
+if eval_views < 1 or eval_restart < 0 or eval_hints < 0:
+    fail(f"eval_views={eval_views} must be >= 1, eval_restart={eval_restart} and eval_hints={eval_hints} >= 0")
+if eval_hints and not eval_restart:
+    fail("eval_hints are kept when a view restarts: set eval_restart too")
 if not (0 <= curriculum_givens <= 81 and 0 < curriculum_frac <= 1 and 0 <= curriculum_pace <= 1):
     fail(f"curriculum_givens={curriculum_givens} must be in 0..81, curriculum_frac={curriculum_frac} in (0, 1] "
          f"and curriculum_pace={curriculum_pace} in [0, 1]")
@@ -353,7 +356,7 @@ def evaluate(max_puzzles, failures_path=None):
                 torch.cuda.synchronize(device)
             t0 = time.time()
             answer = raw_model.solve(puzzles, segments=eval_segments or None, views=eval_views, check=eval_check,
-                                     restart=eval_restart, generator=generator)
+                                     restart=eval_restart, hints=eval_hints, generator=generator)
             exact_ttc = (answer.grids == solutions).all(-1).cpu().numpy()  # (a sync, so the clock is fair)
             sums['seconds_ttc'] += time.time() - t0
             sums['exact_ttc'] += float(exact_ttc.sum())
@@ -385,7 +388,7 @@ def evaluate(max_puzzles, failures_path=None):
               'q_halt_acc': sums['q_right'] / n if model_config.act == 'q' else None, 'puzzles': n}
     if ttc:
         result.update(exact_acc_ttc=sums['exact_ttc'] / n, ttc_views=eval_views, ttc_check=eval_check,
-                      ttc_restart=eval_restart, ttc_segments=eval_segments or model_config.halt_max_steps,
+                      ttc_restart=eval_restart, ttc_hints=eval_hints, ttc_segments=eval_segments or model_config.halt_max_steps,
                       ttc_steps=sums['steps_ttc'] / n,
                       ttc_puzzles_per_s=n / max(sums['seconds_ttc'] / world_size, 1e-9))
     for key, bin_list in bins.items():
@@ -410,7 +413,8 @@ def print_breakdown(result):
     if 'exact_acc_ttc' in result:
         print(f"  test-time: exact accuracy {result['exact_acc_ttc']:.2%} with {result['ttc_views']} views, up to "
               f"{result['ttc_segments']} segments{', checked' if result['ttc_check'] else ''}"
-              f"{', restarted every %d' % result['ttc_restart'] if result['ttc_restart'] else ''} | mean segments run "
+              f"{', restarted every %d' % result['ttc_restart'] if result['ttc_restart'] else ''}"
+              f"{' keeping %d hints' % result['ttc_hints'] if result['ttc_hints'] else ''} | mean segments run "
               f"{result['ttc_steps']:.1f} | {result['ttc_puzzles_per_s']:.3g} puzzles/s")
     for m, label in (('exact', ''), ('exact_ttc', 'test-time ')):
         for key in ('rating', 'givens'):

@@ -33,7 +33,7 @@ FIXED = TINY + ['--act=fixed', '--attn_mask=sudoku', '--q_target=False', '--loss
 # The paper's mode. lr_min_ratio=1.0 keeps the lr constant after warmup, so the schedule does not
 # depend on max_iters and a run cut at N/2 then resumed to N sees the same lr at every step.
 PAPER = TINY + ['--act=q', '--q_target=True', '--halt_exploration_prob=0.5', '--lr_min_ratio=1.0']
-TTC = ['--eval_views=3', '--eval_check=True', '--eval_restart=2']
+TTC = ['--eval_views=3', '--eval_check=True', '--eval_restart=2', '--eval_hints=2']
 FIXED_STEPS, PAPER_STEPS = 20, 10  # PAPER_STEPS / 2 = 5 is not a multiple of halt_max_steps = 3: rows are mid-puzzle there
 
 
@@ -150,7 +150,7 @@ def test_smoke_loss_falls_and_outputs_are_written(fixed_run, data_dir):
     assert abs(by_bin_right - ev['exact_acc'] * 32) < 1e-6
     # the test-time metric beside it, with its own breakdown and settings
     assert 0 <= ev['exact_acc_ttc'] <= 1 and ev['ttc_views'] == 3 and ev['ttc_check'] and ev['ttc_segments'] == 3
-    assert ev['ttc_restart'] == 2
+    assert ev['ttc_restart'] == 2 and ev['ttc_hints'] == 2
     assert 1 <= ev['ttc_steps'] <= 3 and ev['ttc_puzzles_per_s'] > 0
     ttc_by_bin = sum(v[0] * v[1] for k, v in ev.items() if k.startswith('exact_ttc_by_rating/'))
     assert abs(ttc_by_bin - ev['exact_acc_ttc'] * 32) < 1e-6
@@ -363,7 +363,9 @@ def error_runs(data_dir, tmp_path_factory):
         'bad device': ([*good, '--device=nosuchdevice'], "device='nosuchdevice'"),
         'float16': ([*good, '--dtype=float16'], "dtype='float16' needs loss scaling"),
         'bad eval_views': ([*good, '--eval_views=0'], 'eval_views=0 must be >= 1'),
-        'bad eval_restart': ([*good, '--eval_restart=-1'], 'eval_restart=-1 >= 0'),
+        'bad eval_restart': ([*good, '--eval_restart=-1'], 'eval_restart=-1 and eval_hints=0 >= 0'),
+        'bad eval_hints': ([*good, '--eval_restart=2', '--eval_hints=-1'], 'eval_hints=-1 >= 0'),
+        'eval_hints without restart': ([*good, '--eval_hints=2'], 'set eval_restart too'),
         'bad curriculum': ([*good, '--curriculum_givens=90'], 'curriculum_givens=90'),
     }
     procs = {name: subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=run_env(), text=True,
@@ -374,8 +376,8 @@ def error_runs(data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize('case', ['unknown key', 'type mismatch float', 'type mismatch bool', 'None for a float',
                                   'missing config file', 'missing data dir', 'bad init_from', 'resume without checkpoint',
-                                  'bad device', 'float16', 'bad eval_views', 'bad eval_restart',
-                                  'bad curriculum'])
+                                  'bad device', 'float16', 'bad eval_views', 'bad eval_restart', 'bad eval_hints',
+                                  'eval_hints without restart', 'bad curriculum'])
 def test_config_errors_are_one_line(error_runs, case):
     ((stdout, stderr), code), expected = error_runs[case]
     assert code != 0
@@ -421,7 +423,7 @@ def test_eval_only_prints_the_breakdown(fixed_run, data_dir, tmp_path):
     lines = result.stdout.splitlines()
     assert f"exact accuracy {ev['exact_acc']:.2%} | cell accuracy {ev['cell_acc']:.2%}" in lines[1]
     assert (f"  test-time: exact accuracy {ev['exact_acc_ttc']:.2%} with 3 views, up to 3 segments, checked, "
-            f"restarted every 2 |") in lines[2]
+            f"restarted every 2 keeping 2 hints |") in lines[2]
     assert any(line.startswith('  test-time by rating:') for line in lines)
 
 
