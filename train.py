@@ -388,8 +388,8 @@ def evaluate(max_puzzles, failures_path=None):
               'q_halt_acc': sums['q_right'] / n if model_config.act == 'q' else None, 'puzzles': n}
     if ttc:
         result.update(exact_acc_ttc=sums['exact_ttc'] / n, ttc_views=eval_views, ttc_check=eval_check,
-                      ttc_restart=eval_restart, ttc_hints=eval_hints, ttc_segments=eval_segments or model_config.halt_max_steps,
-                      ttc_steps=sums['steps_ttc'] / n,
+                      ttc_restart=eval_restart, ttc_hints=eval_hints,
+                      ttc_segments=eval_segments or model_config.halt_max_steps, ttc_steps=sums['steps_ttc'] / n,
                       ttc_puzzles_per_s=n / max(sums['seconds_ttc'] / world_size, 1e-9))
     for key, bin_list in bins.items():
         for _, _, name in bin_list:
