@@ -437,10 +437,9 @@ class HRM(nn.Module):
                     fresh &= ~stop
                 if fresh.any():  # these rows go on, each on a new view from the initial states
                     again = rows[fresh]
-                    given = puzzles[again // K].long()
-                    if hints:  # in the puzzle's own cells: the old view's givens plus its h surest answer cells
-                        old = tuple(part[again] for part in symmetry)
-                        given = sudoku.invert_symmetry(grids[again], old)
+                    old = tuple(part[again] for part in symmetry)
+                    given = sudoku.invert_symmetry(grids[again], old)  # the puzzle's own cells, with the hints so far
+                    if hints:  # and the old view's h surest answer cells
                         sure = logits[fresh][..., 2:].float().softmax(-1).amax(-1)       # view cell i is
                         sure = torch.zeros_like(sure).scatter_(1, old[0], sure)           # puzzle cell index[i]
                         top = sure.masked_fill(given > 0, -1).topk(min(hints, 81), dim=1).indices
